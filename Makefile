@@ -1,0 +1,41 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Each installs what it needs.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.iosd-installed
+
+.PHONY: install mmcv demo test lint bench clean
+
+install: $(STAMP)
+
+# torch first and pinned (CPU machines here carry a local 2.13.0 wheel), then iosd itself,
+# the real CLIP BPE vocabulary (open_clip_torch, without its torchvision dependency), and
+# mmcv/mmdet for the Mask R-CNN teacher.
+$(STAMP): pyproject.toml scripts/install-mmcv.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps open_clip_torch==3.3.0
+	scripts/install-mmcv.sh $(BIN)/python
+	touch $@
+
+mmcv:
+	scripts/install-mmcv.sh $(BIN)/python
+
+demo: install
+	PATH=$(abspath $(BIN)):$$PATH scripts/demo.sh
+
+test: install
+	$(BIN)/ruff check .
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	$(BIN)/python bench/gen.py
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/eval.py
+
+clean:
+	rm -rf $(VENV) runs reports shards/*/ .pytest_cache

@@ -1,0 +1,73 @@
+"""``dataset.json``: read, check and write the manifest of a shard set (atomically)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from iosd.errors import UserError
+from iosd.schema import MANIFEST_NAME, SCHEMA_VERSION
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON to a temp name in the same directory, fsync, then rename over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_schema(manifest: dict, where: str) -> dict:
+    """Refuse manifests this iosd cannot read."""
+    version = manifest.get("schema_version")
+    if not isinstance(version, int):
+        raise UserError(f"{where} is not an iosd manifest (no schema_version)", "point at a directory written by iosd-gen")
+    if version > SCHEMA_VERSION:
+        raise UserError(f"{where} has shard schema {version}, newer than this iosd reads ({SCHEMA_VERSION})", "upgrade iosd: pip install -U iosd")
+    return manifest
+
+
+def read_manifest(shard_dir: str | Path) -> dict:
+    """The manifest of a local shard directory, checked."""
+    path = Path(shard_dir) / MANIFEST_NAME
+    if not Path(shard_dir).exists():
+        raise UserError(f"shard directory {shard_dir} does not exist", "run iosd-gen first or check the path")
+    if not path.exists():
+        raise UserError(f"{shard_dir} has no {MANIFEST_NAME}", "point at a directory written by iosd-gen")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is not readable JSON ({err})", "regenerate it with iosd-gen or restore it") from None
+    return check_schema(manifest, str(path))
+
+
+def feature_layout(manifest: dict) -> dict:
+    """What a head's input depends on: layer paths with (C, H, W) shapes and embedding width."""
+    feats = manifest["features"]
+    return {
+        "layers": [[entry["path"], list(entry["shape"])] for entry in feats["layers"]],
+        "embedding_dim": int(manifest["embedding"]["dim"]),
+    }
+
+
+def layout_mismatch(a: dict, b: dict) -> str | None:
+    """A one-line description of how two feature layouts differ, or None when they agree."""
+    if a["embedding_dim"] != b["embedding_dim"]:
+        return f"class embeddings are {a['embedding_dim']}-d vs {b['embedding_dim']}-d"
+    la, lb = dict((p, tuple(s)) for p, s in a["layers"]), dict((p, tuple(s)) for p, s in b["layers"])
+    if la != lb:
+        only_a = sorted(set(la) - set(lb))
+        only_b = sorted(set(lb) - set(la))
+        shape = sorted(p for p in set(la) & set(lb) if la[p] != lb[p])
+        return f"feature layers differ (only in first: {only_a}, only in second: {only_b}, other shape: {shape})"
+    return None

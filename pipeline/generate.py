@@ -1,0 +1,433 @@
+"""The generate stage: prompts -> images + features -> teacher masks -> filter -> shards.
+
+Shard ``i`` holds the first accepted candidates ``(i, 0), (i, 1), ...``, each drawn from a
+random generator keyed by (seed, stream, i, attempt): its content depends only on the seed,
+the config and its index, so ranks and resumed runs never coordinate beyond which indices
+they own. Diffusion and the teacher run on the main thread; encoding (PNG, zarr, npz) and
+writing run on worker threads, overlapping the next batch's diffusion.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from iosd.classes import ClassSplit, load_split
+from iosd.errors import UserError
+from iosd.featstore import DEFAULT_CODEC, encode_features
+from iosd.layers import DEFAULT_PRESET, layer_key, resolve_layers
+from iosd.pipeline.capture import FeatureCapture
+from iosd.pipeline.filter import judge
+from iosd.pipeline.models import DEFAULT_MODEL, TINY, LoadedModel, load_model
+from iosd.pipeline.prompts import GD_TEMPLATE, GD_TEMPLATE_2, PromptSpec, make_prompt
+from iosd.pipeline.sources import SOURCES, Produced, diffuse, renoised_pass, shapes_world
+from iosd.pipeline.text import class_embeddings, embedding_spec, find_token_span
+from iosd.pipeline.writer import ShardSetWriter
+from iosd.schema import KEPT, Sample, encode_sample, sample_key
+
+STREAMS = {"train": 0, "test": 1}  # test seeds never collide with training seeds
+IMAGE_SOURCE_T = 50  # default re-noising timestep for image sources (GD: features near the end)
+# Fields that do not change a shard's content: changing them never invalidates a set.
+# (batch_size stays in the identity: batched kernels round differently per batch size.)
+NON_IDENTITY = ("out", "device", "workers", "overwrite", "quiet")
+
+
+@dataclass
+class GenConfig:
+    classes: str = "coco"
+    split: int = 1
+    subset: str = "seen"
+    source: str = "diffusion"
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    num_samples: int = 1000
+    shard_size: int = 100
+    seed: int = 0
+    out: str | None = None
+    objects: str = "1"
+    template: str = GD_TEMPLATE
+    template2: str = GD_TEMPLATE_2
+    negative: bool = False
+    steps: int = 1
+    guidance: float = 0.0
+    resolution: int | None = None
+    batch_size: int = 4
+    layers: str = DEFAULT_PRESET
+    feature_dtype: str = "float16"
+    codec: str = DEFAULT_CODEC
+    feature_t: int | None = None
+    feature_step: int = -1
+    teacher_config: str | None = None
+    teacher_checkpoint: str | None = None
+    min_score: float | None = None
+    score_thr: float | None = None
+    mask_thr: float = 0.5
+    stream: str = "train"
+    images_per_class: int | None = None
+    keep_rejected: bool = False
+    daam: bool = False
+    device: str = "auto"
+    workers: int = 2
+    overwrite: bool = False
+    quiet: bool = False
+
+    def resolved(self) -> GenConfig:
+        """Fill defaults that depend on other options and check every value."""
+        c = GenConfig(**asdict(self))
+        for name in ("num_samples", "shard_size", "batch_size", "steps", "workers"):
+            if getattr(c, name) is not None and getattr(c, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(c, name)})", "pass a number > 0")
+        if c.images_per_class is not None and c.images_per_class <= 0:
+            raise UserError(f"--images-per-class must be positive (got {c.images_per_class})", "pass a number > 0")
+        if c.source not in SOURCES:
+            raise UserError(f"unknown --source {c.source!r}", f"use one of {', '.join(SOURCES)}")
+        if c.source == "shapes" and c.classes != "shapes":
+            raise UserError(f"--source shapes draws the shapes world, not {c.classes!r} classes", "pass --classes shapes")
+        if c.stream not in STREAMS:
+            raise UserError(f"unknown stream {c.stream!r}", "use train or test")
+        if c.steps > 50:
+            raise UserError(f"--steps {c.steps} is far beyond SDXL-Turbo's 1-4", "pass --steps 1 to 4")
+        if c.resolution is None:
+            c.resolution = 128 if c.model == TINY else 512
+        if c.resolution % 32:
+            raise UserError(f"--resolution {c.resolution} is not a multiple of 32", "use e.g. 512")
+        if c.source == "shapes" and c.feature_t is None:
+            c.feature_t = IMAGE_SOURCE_T
+        if c.feature_t is not None and not 0 <= c.feature_t < 1000:
+            raise UserError(f"--feature-t {c.feature_t} is outside 0..999", "pass a timestep in 0..999")
+        tiny_teacher = self.tiny_teacher
+        if c.min_score is None:
+            c.min_score = 0.0 if tiny_teacher or c.source == "shapes" else 0.8
+        if c.score_thr is None:
+            c.score_thr = 0.0 if tiny_teacher else 0.05
+        if c.images_per_class is not None:
+            c.keep_rejected = True  # evaluation counts filtered images
+            c.num_samples = None  # type: ignore[assignment]
+        if c.out is None:
+            c.out = os.path.join("shards", f"{c.classes}{c.split}" if c.stream == "train" else f"{c.classes}{c.split}-test")
+        PromptSpec(c.objects, c.template, c.template2, c.negative).check()
+        resolve_layers(c.layers)
+        return c
+
+    @property
+    def tiny_teacher(self) -> bool:
+        """--model tiny with no teacher options: mmdet's own Mask R-CNN, random weights."""
+        return self.model == TINY and self.teacher_config is None and self.teacher_checkpoint is None
+
+    def identity(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in NON_IDENTITY}
+
+
+@dataclass
+class Candidate:
+    shard: int
+    attempt: int
+    seed: int
+    prompt: str
+    names: list[str]
+
+
+@dataclass
+class StageTimes:
+    """Seconds per stage, summed over threads (encode/write run beside diffusion)."""
+
+    seconds: Counter = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, stage: str, dt: float) -> None:
+        with self.lock:
+            self.seconds[stage] += dt
+
+
+class Plan:
+    """Which candidates make up each shard, and how many samples it must hold."""
+
+    def __init__(self, cfg: GenConfig, split: ClassSplit) -> None:
+        self.cfg = cfg
+        self.classes = split.subset(cfg.subset)
+        self.spec = PromptSpec(cfg.objects, cfg.template, cfg.template2, cfg.negative)
+        if cfg.images_per_class is not None:
+            self.fixed = [c for c in self.classes for _ in range(cfg.images_per_class)]
+            total = len(self.fixed)
+        else:
+            self.fixed = None
+            total = cfg.num_samples
+        self.total = total
+        self.n_shards = math.ceil(total / cfg.shard_size)
+
+    def target(self, shard: int) -> int:
+        return min(self.cfg.shard_size, self.total - shard * self.cfg.shard_size)
+
+    def candidate(self, shard: int, attempt: int) -> Candidate:
+        rng = np.random.default_rng([self.cfg.seed, STREAMS[self.cfg.stream], shard, attempt])
+        seed = int(rng.integers(2**31 - 1))
+        query = self.fixed[shard * self.cfg.shard_size + attempt] if self.fixed else None
+        prompt, names = make_prompt(rng, self.classes, self.spec, query)
+        return Candidate(shard, attempt, seed, prompt, names)
+
+    def max_attempts(self, shard: int) -> int:
+        return self.target(shard) if self.fixed else 50 * self.target(shard) + 100
+
+
+def dist_env() -> tuple[int, int]:
+    """(rank, world size) under torchrun; (0, 1) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+class Generator:
+    """Runs one configured generation into one shard directory (this rank's share of it)."""
+
+    def __init__(self, cfg: GenConfig) -> None:
+        self.cfg = cfg.resolved()
+        self.split = load_split(self.cfg.classes, self.cfg.split)
+        self.plan = Plan(self.cfg, self.split)
+        self.times = StageTimes()
+        self.rank, self.world = dist_env()
+
+    def _teacher(self):
+        if self.cfg.source == "shapes":
+            return None
+        from iosd.pipeline.teacher import build_teacher
+
+        return build_teacher(
+            self.cfg.teacher_config,
+            self.cfg.teacher_checkpoint,
+            device=str(self.loaded.device),
+            score_thr=self.cfg.score_thr,
+            mask_thr=self.cfg.mask_thr,
+            tiny=self.cfg.tiny_teacher,
+            image_size=self.cfg.resolution,
+        )
+
+    def _probe_shapes(self) -> dict[str, list[int]]:
+        """Run the UNet once on zeros to learn each captured layer's (C, H, W)."""
+        side = self.cfg.resolution // self.loaded.pipe.vae_scale_factor
+        lat = torch.zeros(1, self.loaded.pipe.unet.config.in_channels, side, side, device=self.loaded.device, dtype=self.loaded.dtype)
+        feats = renoised_pass(self.loaded, self.capture, lat, [""], [0], 999, self.cfg.resolution)
+        return {p: list(t.shape[1:]) for p, t in feats.items()}
+
+    def header(self, shapes: dict[str, list[int]]) -> dict:
+        dtype_bytes = {"float16": 2, "bfloat16": 2, "int8": 1}[self.cfg.feature_dtype]
+        raw = sum(math.prod(s) * dtype_bytes for s in shapes.values())
+        teacher = self.teacher.describe() if self.teacher is not None else {"kind": "exact", "source": self.cfg.source}
+        meaningful = not teacher.get("random_weights", False)
+        notes = [] if meaningful else ["teacher has random weights (--model tiny without teacher options): its masks are meaningless; this set only exercises the machinery"]
+        return {
+            "kind": "iosd-shards",
+            "identity": self.cfg.identity(),
+            "config": {k: v for k, v in asdict(self.cfg).items() if k not in ("quiet", "overwrite")},
+            "classes": self.split.to_json(),
+            "subset": self.cfg.subset,
+            "image_size": [self.cfg.resolution, self.cfg.resolution],
+            "model": self.loaded.info,
+            "features": {
+                "layers": [{"path": p, "key": layer_key(p), "shape": s} for p, s in shapes.items()],
+                "preset": self.cfg.layers,
+                "dtype": self.cfg.feature_dtype,
+                "codec": self.cfg.codec,
+                "capture": {"mode": "renoised", "t": self.cfg.feature_t} if self.cfg.feature_t is not None else {"mode": "denoising-step", "step": self.cfg.feature_step},
+                "raw_bytes_per_sample": raw,
+            },
+            "embedding": self.embedding_spec,
+            "teacher": teacher,
+            "masks_meaningful": meaningful,
+            "notes": notes,
+        }
+
+    # -- setup ---------------------------------------------------------------------------
+    def setup(self) -> None:
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("gloo")
+        if self.cfg.device in ("auto", "cpu") and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+            # leave cores to the encode threads: oversubscribed OpenMP spins slow diffusion ~5x
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) - self.cfg.workers))
+        t0 = time.perf_counter()
+        self.loaded: LoadedModel = load_model(self.cfg.model, device=self.cfg.device, revision=self.cfg.revision)
+        self.times.add("load", time.perf_counter() - t0)
+        self.teacher = self._teacher()
+        if self.teacher is not None:
+            self.teacher.check_classes(list(self.split.subset(self.cfg.subset)))
+        self.capture = FeatureCapture(self.loaded.pipe.unet, resolve_layers(self.cfg.layers)).__enter__()
+        self.embedding_spec = embedding_spec(self.loaded.pipe)
+        names = list(self.split.all)
+        self.embeddings = dict(zip(names, class_embeddings(self.loaded.pipe, names), strict=True))
+        self.subsets = {**{n: "seen" for n in self.split.seen}, **{n: "unseen" for n in self.split.unseen}}
+        self.writer = ShardSetWriter(self.cfg.out, self.header(self._probe_shapes()), self.plan.n_shards, overwrite=self.cfg.overwrite)
+        if self.rank == 0:
+            self.writer.prepare()
+        _barrier(self.world)
+        self.daam = None
+        if self.cfg.daam:
+            from iosd.pipeline.daam import DaamRecorder
+
+            side = self.cfg.resolution // self.loaded.pipe.vae_scale_factor
+            self.daam = DaamRecorder(self.loaded.pipe.unet, (side, side)).__enter__()
+
+    def close(self) -> None:
+        self.capture.__exit__(None, None, None)
+        if self.daam is not None:
+            self.daam.__exit__(None, None, None)
+
+    # -- one batch -------------------------------------------------------------------------
+    def _produce(self, batch: list[Candidate]) -> Produced:
+        prompts, seeds = [c.prompt for c in batch], [c.seed for c in batch]
+        if self.daam is not None:
+            self.daam.reset()
+        t0 = time.perf_counter()
+        if self.cfg.source == "shapes":
+            out = shapes_world(self.loaded, self.capture, prompts, [c.names for c in batch], seeds, size=self.cfg.resolution, feature_t=self.cfg.feature_t)
+        else:
+            out = diffuse(self.loaded, self.capture, prompts, seeds, steps=self.cfg.steps, size=self.cfg.resolution, guidance=self.cfg.guidance, feature_step=self.cfg.feature_step, feature_t=self.cfg.feature_t)
+        if self.loaded.device.type == "cuda":
+            torch.cuda.synchronize(self.loaded.device)
+        self.times.add("diffusion", time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        out.features = {p: t.to("cpu", torch.float32) for p, t in out.features.items()}
+        self.times.add("capture", time.perf_counter() - t0)
+        return out
+
+    def _labels(self, batch: list[Candidate], out: Produced) -> list[tuple[list[np.ndarray], list[float]]]:
+        if out.exact_masks is not None:
+            return [(list(m), [1.0] * len(m)) for m in out.exact_masks]
+        t0 = time.perf_counter()
+        labels = self.teacher.label(list(out.images), [c.names for c in batch])
+        self.times.add("teacher", time.perf_counter() - t0)
+        return [([lab.mask for lab in per], [lab.score for lab in per]) for per in labels]
+
+    def _daam(self, batch: list[Candidate]) -> list[np.ndarray] | None:
+        if self.daam is None:
+            return None
+        spans = [[find_token_span(self.loaded.pipe.tokenizer, c.prompt, n) for n in c.names] for c in batch]
+        return self.daam.heat_maps(spans, self.cfg.resolution // self.loaded.pipe.vae_scale_factor)
+
+    def _encode(self, cand: Candidate, image: np.ndarray, feats: dict[str, np.ndarray], records, masks, heat) -> dict:
+        t0 = time.perf_counter()
+        feat_bytes = encode_features(feats, self.cfg.feature_dtype, self.cfg.codec)
+        sample = Sample(
+            key=sample_key(cand.shard, cand.attempt),
+            image=image,
+            prompt=cand.prompt,
+            seed=cand.seed,
+            classes=records,
+            masks=masks,
+            embeddings=np.stack([self.embeddings[n] for n in cand.names]),
+            daam=heat,
+            extra={"shard": cand.shard, "attempt": cand.attempt, "source": self.cfg.source},
+        )
+        members = encode_sample(sample, feat_bytes)
+        self.times.add("encode", time.perf_counter() - t0)
+        return members
+
+    # -- one shard -------------------------------------------------------------------------
+    def _produce_shard(self, shard: int, pool: ThreadPoolExecutor, progress) -> tuple[list[Future], dict]:
+        target, limit = self.plan.target(shard), self.plan.max_attempts(shard)
+        futures: list[Future] = []
+        per_class: dict[str, Counter] = defaultdict(Counter)
+        stats = Counter()
+        attempt = 0
+        while len(futures) < target:
+            if attempt >= limit:
+                raise UserError(f"shard {shard}: only {len(futures)} of {target} samples passed the filter in {limit} candidates", "lower --min-score or check the teacher")
+            size = min(self.cfg.batch_size, limit - attempt)
+            batch = [self.plan.candidate(shard, attempt + k) for k in range(size)]
+            attempt += size
+            out = self._produce(batch)
+            labels = self._labels(batch, out)
+            heats = self._daam(batch)
+            for b, (cand, (masks, scores)) in enumerate(zip(batch, labels, strict=True)):
+                if len(futures) >= target:
+                    break  # later candidates are never used: same shard whatever the batch size
+                records, kept = judge(cand.names, masks, scores, self.subsets, self.cfg.min_score)
+                stats["candidates"] += 1
+                for r in records:
+                    per_class[r.name][r.decision] += 1
+                if not any(r.decision == KEPT for r in records) and not self.cfg.keep_rejected:
+                    stats["dropped_samples"] += 1
+                    continue
+                feats = {p: t[b].numpy() for p, t in out.features.items()}
+                heat = heats[b] if heats is not None else None
+                futures.append(pool.submit(self._encode, cand, out.images[b], feats, records, kept, heat))
+                if progress is not None:
+                    progress()
+        stats["written"] = len(futures)
+        return futures, {**stats, "per_class": {k: dict(v) for k, v in per_class.items()}}
+
+    def _write(self, shard: int, futures: list[Future], stats: dict) -> dict:
+        members = [f.result() for f in futures]
+        t0 = time.perf_counter()
+        stats["feature_bytes"] = sum(len(m["feat.zarr.zip"]) for m in members)
+        record = self.writer.write_shard(shard, members, stats)
+        if self.rank == 0:
+            self.writer.write_manifest()
+        self.times.add("write", time.perf_counter() - t0)
+        return record
+
+    def run(self) -> dict:
+        """Generate this rank's missing shards; returns the final manifest (rank 0) or {}."""
+        self.setup()
+        try:
+            done = self.writer.done()
+            mine = [i for i in range(self.plan.n_shards) if i % self.world == self.rank and i not in done]
+            todo = sum(self.plan.target(i) for i in mine)
+            with _progress(self.rank == 0 and not self.cfg.quiet, todo, f"{self.cfg.out}") as advance, ThreadPoolExecutor(self.cfg.workers) as pool, ThreadPoolExecutor(1) as writer:
+                pending: list[Future] = []
+                for shard in mine:
+                    futures, stats = self._produce_shard(shard, pool, advance)
+                    pending.append(writer.submit(self._write, shard, futures, stats))
+                    while len(pending) > 2:  # bound memory: at most two shards in flight
+                        pending.pop(0).result()
+                for p in pending:
+                    p.result()
+        finally:
+            self.close()
+        _barrier(self.world)
+        manifest = self.writer.write_manifest() if self.rank == 0 else {}
+        _barrier(self.world)
+        return manifest
+
+
+class _progress:
+    """A rich progress bar over samples written (or nothing when quiet / not rank 0)."""
+
+    def __init__(self, show: bool, total: int, label: str) -> None:
+        self.show, self.total, self.label = show, total, label
+
+    def __enter__(self):
+        if not self.show:
+            return None
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(TextColumn("[bold]gen[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        self.bar.__enter__()
+        task = self.bar.add_task(self.label, total=self.total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc) -> None:
+        if self.show:
+            self.bar.__exit__(*exc)
+
+
+def generate(cfg: GenConfig) -> tuple[dict, StageTimes]:
+    gen = Generator(cfg)
+    manifest = gen.run()
+    return manifest, gen.times

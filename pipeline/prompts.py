@@ -1,0 +1,58 @@
+"""Prompts for generation: one or two objects, GD's templates or IOSD's negative-class form."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from iosd.errors import UserError
+
+GD_TEMPLATE = "a photograph of a {}"
+GD_TEMPLATE_2 = "a photograph of a {} and a {}"
+NEGATIVE_TEMPLATE = "A cinematic shot of {} and {}, portrayed naturally and realistically."
+OBJECTS = ("1", "2", "mix")
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """How prompts are built; recorded in the manifest."""
+
+    objects: str = "1"
+    template: str = GD_TEMPLATE
+    template2: str = GD_TEMPLATE_2
+    negative: bool = False
+
+    def check(self) -> PromptSpec:
+        if self.objects not in OBJECTS:
+            raise UserError(f"--objects {self.objects!r} is not one of {', '.join(OBJECTS)}", "pass --objects 1, 2 or mix")
+        if self.template.count("{}") != 1:
+            raise UserError(f"--template {self.template!r} needs exactly one {{}}", 'e.g. --template "a photograph of a {}"')
+        if self.template2.count("{}") != 2:
+            raise UserError(f"two-object template {self.template2!r} needs two {{}}", 'e.g. "a photograph of a {} and a {}"')
+        return self
+
+
+def _article(name: str) -> str:
+    return ("an " if name[0].lower() in "aeiou" else "a ") + name
+
+
+def make_prompt(rng: np.random.Generator, classes: tuple[str, ...], spec: PromptSpec, query: str | None = None) -> tuple[str, list[str]]:
+    """A prompt and the class names it shows (each gets a teacher mask).
+
+    ``query`` fixes the first class (evaluation plans); otherwise it is drawn from ``classes``.
+    With ``negative``, IOSD's template holds the query and a random other class in random order.
+    """
+    first = query if query is not None else classes[rng.integers(len(classes))]
+    others = [c for c in classes if c != first]
+    if spec.negative:
+        if not others:
+            raise UserError("the negative-class prompt needs at least two classes", "drop --negative or add classes")
+        other = others[rng.integers(len(others))]
+        pair = [first, other] if rng.random() < 0.5 else [other, first]
+        return NEGATIVE_TEMPLATE.format(*map(_article, pair)), pair
+    two = spec.objects == "2" or (spec.objects == "mix" and rng.random() < 0.5)
+    if two and others:
+        other = others[rng.integers(len(others))]
+        return spec.template2.format(first, other), [first, other]
+    return spec.template.format(first), [first]

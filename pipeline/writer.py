@@ -1,0 +1,147 @@
+"""Write a shard set: one tar per shard under a temp name, renamed when complete, plus a
+per-shard record; ``dataset.json`` is rebuilt atomically from the records.
+
+Shards are independent (their content depends only on seed, config and index), so ranks
+and resumed runs need no coordination beyond which indices they own: a shard is done when
+both its tar and its record exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import webdataset as wds
+
+from iosd import __version__
+from iosd.errors import UserError
+from iosd.manifest import check_schema, write_json_atomic
+from iosd.schema import MANIFEST_NAME, SCHEMA_VERSION, SHARD_GLOB, shard_name
+
+PARTS_DIR = ".parts"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def add_counts(total: dict, part: dict) -> dict:
+    """Sum nested count dicts (ints at the leaves)."""
+    for key, value in part.items():
+        if isinstance(value, dict):
+            add_counts(total.setdefault(key, {}), value)
+        else:
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+class ShardSetWriter:
+    """Owns one output directory: refuses foreign or differently-configured ones, resumes its own."""
+
+    def __init__(self, out: str | Path, header: dict, n_shards: int, *, overwrite: bool = False) -> None:
+        self.out = Path(out)
+        self.header = header  # manifest fields fixed by the config (identity, layout, ...)
+        self.n_shards = n_shards
+        self.overwrite = overwrite
+        self.parts = self.out / PARTS_DIR
+
+    # -- opening -----------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Rank 0: make the directory ours (new, resumed, or overwritten) and write a first manifest."""
+        manifest_path = self.out / MANIFEST_NAME
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f"--out {self.out} is a file", "choose a directory")
+        if self.out.exists() and any(self.out.iterdir()):
+            if not manifest_path.exists():
+                raise UserError(f"--out {self.out} holds files that are not an iosd shard set", "choose a new or empty directory")
+            try:
+                old = check_schema(json.loads(manifest_path.read_text()), str(manifest_path))
+            except json.JSONDecodeError:
+                raise UserError(f"{manifest_path} is corrupt", "pass --overwrite to regenerate, or another --out") from None
+            if old.get("identity") != self.header["identity"]:
+                if not self.overwrite:
+                    diff = sorted(k for k in set(old.get("identity", {})) | set(self.header["identity"]) if old.get("identity", {}).get(k) != self.header["identity"].get(k))
+                    raise UserError(f"{self.out} was generated with a different config (differs in: {', '.join(diff)})", "pass --overwrite to replace it, or choose another --out")
+                self._clear()
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.parts.mkdir(exist_ok=True)
+            probe = self.out / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise UserError(f"cannot write to --out {self.out} ({err.strerror})", "choose a writable directory") from None
+        self.write_manifest()
+
+    def _clear(self) -> None:
+        """--overwrite: remove this set's own files only."""
+        for tar in self.out.glob(SHARD_GLOB):
+            tar.unlink()
+        shutil.rmtree(self.parts, ignore_errors=True)
+        (self.out / MANIFEST_NAME).unlink(missing_ok=True)
+
+    def done(self) -> set[int]:
+        """Indices whose tar and record both exist (a tar without record is redone)."""
+        done = set()
+        for rec in self.parts.glob("*.json"):
+            index = int(rec.stem.rsplit("-", 1)[1])
+            if (self.out / shard_name(index)).exists():
+                done.add(index)
+        return done
+
+    # -- writing -----------------------------------------------------------------------
+    def write_shard(self, index: int, samples: Iterable[dict], stats: dict) -> dict:
+        """Write one shard's samples (WebDataset dicts) atomically; returns its record."""
+        name = shard_name(index)
+        final = self.out / name
+        tmp = self.out / f".{name}.tmp-{os.getpid()}"
+        count = 0
+        try:
+            with open(tmp, "wb") as f:
+                with wds.TarWriter(f, encoder=False, mtime=0, user="iosd", group="iosd") as sink:
+                    for sample in samples:
+                        sink.write(sample)
+                        count += 1
+                f.flush()
+                os.fsync(f.fileno())
+            record = {"name": name, "index": index, "samples": count, "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp), "stats": stats}
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        write_json_atomic(self.parts / f"shard-{index:06d}.json", record)
+        return record
+
+    def records(self) -> list[dict]:
+        done = self.done()
+        recs = [json.loads((self.parts / f"shard-{i:06d}.json").read_text()) for i in sorted(done)]
+        return recs
+
+    def write_manifest(self) -> dict:
+        """Rebuild dataset.json from the header and every finished shard's record."""
+        recs = self.records()
+        counts: dict = {}
+        for rec in recs:
+            add_counts(counts, rec["stats"])
+        feat_bytes = counts.get("feature_bytes", 0)
+        manifest = {
+            **self.header,
+            "schema_version": SCHEMA_VERSION,
+            "iosd_version": __version__,
+            "counts": counts,
+            "shards": [{k: r[k] for k in ("name", "samples", "bytes", "sha256")} for r in recs],
+            "planned_shards": self.n_shards,
+            "complete": len(recs) == self.n_shards,
+        }
+        if counts.get("written"):
+            manifest["features"] = {**manifest["features"], "stored_bytes_per_sample": round(feat_bytes / counts["written"])}
+        write_json_atomic(self.out / MANIFEST_NAME, manifest)
+        return manifest

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install mmcv 2.1.0 with ops (no Linux wheel on PyPI) and mmdet 3.3.0 into the venv.
+# The wheel is built from source once per torch/python version and cached in
+# ${IOSD_WHEEL_CACHE:-~/.cache/iosd/wheels}; later machines and CI runs reuse it.
+set -euo pipefail
+PY=${1:-.venv/bin/python}
+PIP="$PY -m pip"
+if $PY -c "import mmcv, mmcv.ops, mmdet" 2>/dev/null; then
+  echo "mmcv with ops and mmdet already installed"; exit 0
+fi
+TAG=$($PY -c "import sys, torch; print(f'torch{torch.__version__.split(\"+\")[0]}-py{sys.version_info[0]}{sys.version_info[1]}')")
+CACHE=${IOSD_WHEEL_CACHE:-$HOME/.cache/iosd/wheels}/$TAG
+mkdir -p "$CACHE"
+WHEEL=$(ls "$CACHE"/mmcv-2.1.0-*.whl 2>/dev/null | head -n1 || true)
+if [ -z "$WHEEL" ]; then
+  echo "building mmcv 2.1.0 with ops from source (about 6-10 minutes, cached in $CACHE)"
+  # mmcv's setup.py imports pkg_resources: build with an old setuptools, then restore.
+  $PIP install -q "setuptools<70" wheel ninja
+  MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} $PIP wheel --no-build-isolation --no-deps -w "$CACHE.tmp.$$" mmcv==2.1.0
+  mv "$CACHE.tmp.$$"/mmcv-2.1.0-*.whl "$CACHE"/ && rm -rf "$CACHE.tmp.$$"
+  $PIP install -q "setuptools>=77"
+  WHEEL=$(ls "$CACHE"/mmcv-2.1.0-*.whl | head -n1)
+fi
+$PIP install -q "$WHEEL" mmengine==0.10.7 mmdet==3.3.0
+$PY -c "import mmcv.ops, mmdet; print('mmcv', mmcv.__version__, 'mmdet', mmdet.__version__)"

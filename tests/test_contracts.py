@@ -1,0 +1,112 @@
+"""The one-place contracts: class splits, layer presets, feature store, sample schema."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from iosd.classes import canonical, check_names, load_split
+from iosd.errors import UserError
+from iosd.featstore import decode_features, encode_features
+from iosd.layers import PRESETS, group_by_resolution, resolve_layers
+from iosd.schema import KEPT, LOW_SCORE, ClassRecord, Sample, decode_sample, encode_sample
+
+
+def test_pascal_and_coco_splits_match_the_papers():
+    for split in (1, 2, 3):
+        voc = load_split("pascal", split)
+        assert (len(voc.seen), len(voc.unseen)) == (15, 5)
+        coco = load_split("coco", split)
+        assert (len(coco.seen), len(coco.unseen)) == (64, 14)
+        assert "mouse" not in coco.all and "couch" not in coco.all
+    assert load_split("pascal", 2).unseen == ("horse", "motorbike", "person", "pottedplant", "sheep")
+    assert "hair drier" in load_split("coco", 1).unseen
+    assert load_split("coco", 3).all.count("bench") == 1 and "bench" in load_split("coco", 3).unseen
+    # every COCO class is unseen in at most one split
+    unseen = [c for s in (1, 2, 3) for c in load_split("coco", s).unseen]
+    assert len(unseen) == len(set(unseen)) == 42
+
+
+def test_synonyms_map_voc_to_coco_labels():
+    assert canonical("aeroplane") == "airplane"
+    assert canonical("sofa") == "couch"
+    assert canonical("tvmonitor") == "tv"
+    assert canonical("dog") == "dog"
+
+
+def test_user_class_file(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"seen": ["cat", "dog"], "unseen": ["unicorn"]}))
+    split = load_split(str(path), 1)
+    assert split.seen == ("cat", "dog") and split.unseen == ("unicorn",)
+    path.write_text(json.dumps({"seen": ["cat"], "unseen": ["cat"]}))
+    with pytest.raises(UserError, match="both seen and unseen"):
+        load_split(str(path), 1)
+    with pytest.raises(UserError, match="unknown class set"):
+        load_split("imagenet", 1)
+    with pytest.raises(UserError, match="outside 1..3"):
+        load_split("coco", 4)
+    with pytest.raises(UserError, match="unknown class name"):
+        check_names(["unicorn"], load_split("coco", 1))
+
+
+def test_presets_exist_in_the_tiny_unet_with_sdxl_block_layout(tiny_loaded):
+    names = dict(tiny_loaded.pipe.unet.named_modules())
+    for preset, paths in PRESETS.items():
+        missing = [p for p in paths if p not in names]
+        assert not missing, (preset, missing)
+    with pytest.raises(UserError):
+        resolve_layers("nonsense")
+    assert resolve_layers("mid_block,up_blocks.0") == ("mid_block", "up_blocks.0")
+
+
+def test_preset_costs_at_512px_on_the_real_sdxl_layout():
+    """The README's bytes-per-sample table, measured on SDXL's UNet built on the meta device."""
+    from diffusers import UNet2DConditionModel
+
+    from iosd.pipeline.capture import FeatureCapture
+    from iosd.pipeline.tiny import SDXL_UNET_CONFIG
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+    expected_mb = {"compact": 4.59, "iosd": 14.42, "gd": 12.78}
+    for preset, paths in PRESETS.items():
+        with FeatureCapture(unet, paths) as cap, torch.device("meta"):
+            cap.armed = True
+            unet(torch.zeros(1, 4, 64, 64), torch.tensor([999]), encoder_hidden_states=torch.zeros(1, 77, 2048), added_cond_kwargs={"text_embeds": torch.zeros(1, 1280), "time_ids": torch.zeros(1, 6)})
+            shapes = {p: list(t.shape[1:]) for p, t in cap.take().items()}
+        mb = sum(int(np.prod(s)) * 2 for s in shapes.values()) / 1e6
+        assert mb == pytest.approx(expected_mb[preset], abs=0.01), (preset, shapes)
+        if preset == "compact":
+            assert [len(g) for g in group_by_resolution(shapes)] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("dtype,tol", [("float16", 1e-3), ("bfloat16", 1e-2), ("int8", 2e-2)])
+def test_feature_store_round_trip(dtype, tol):
+    rng = np.random.default_rng(0)
+    layers = {"up_blocks.0.attentions.2": rng.normal(size=(8, 4, 4)).astype(np.float32), "mid_block": rng.normal(size=(3, 2, 2)).astype(np.float32)}
+    data = encode_features(layers, dtype)
+    back = decode_features(data)
+    for path, x in layers.items():
+        assert back[path].dtype == np.float32 and back[path].shape == x.shape
+        np.testing.assert_allclose(back[path], x, atol=tol * np.abs(x).max() * 4)
+    assert decode_features(data, ["mid_block"]).keys() == {"mid_block"}
+    assert encode_features(layers, dtype) == data  # byte-identical: shards can be hashed
+
+
+def test_sample_schema_round_trip():
+    rng = np.random.default_rng(1)
+    records = [ClassRecord("cat", "seen", 0.9, 10, KEPT, 0), ClassRecord("dog", "unseen", 0.2, 5, LOW_SCORE, None)]
+    sample = Sample("000001_00003", rng.integers(0, 255, (16, 16, 3), dtype=np.uint8), "a cat and a dog", 7, records, rng.integers(0, 2, (1, 16, 16)).astype(np.uint8), rng.normal(size=(2, 8)).astype(np.float32), extra={"shard": 1})
+    members = encode_sample(sample, encode_features({"mid_block": np.ones((2, 2, 2), np.float32)}))
+    assert all("." not in members["__key__"] for _ in [0])
+    back = decode_sample({k: v for k, v in members.items() if k != "__key__"})
+    assert back.key == sample.key and back.prompt == sample.prompt and back.classes == records
+    np.testing.assert_array_equal(back.image, sample.image)
+    np.testing.assert_array_equal(back.masks, sample.masks)
+    assert [i for i, _ in back.targets()] == [0]
+    assert back.targets(min_score=0.95) == []
+    assert back.extra == {"shard": 1}
