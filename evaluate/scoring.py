@@ -1,0 +1,96 @@
+"""Score a head (and DAAM) on cached test shards: batched, no diffusion, decode in workers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from iosd.evaluate.metrics import IoUAccumulator
+from iosd.evaluate.report import Example
+from iosd.pipeline.daam import daam_masks
+from iosd.schema import KEPT, iter_tar_samples
+
+
+class _TestSamples(IterableDataset):
+    """Samples of the test shards, each worker reading its own shards."""
+
+    def __init__(self, paths: list[str], layers: list[str]) -> None:
+        self.paths, self.layers = paths, layers
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        mine = self.paths if info is None else self.paths[info.id :: info.num_workers]
+        for path in mine:
+            for s in iter_tar_samples(path, features=self.layers):
+                yield {
+                    "key": s.key,
+                    "image": s.image,
+                    "features": {p: torch.from_numpy(s.features[p]) for p in self.layers},
+                    "queries": torch.from_numpy(s.embeddings),
+                    "names": [c.name for c in s.classes],
+                    "gt": [s.masks[c.mask_index] if c.decision == KEPT and c.mask_index is not None else None for c in s.classes],
+                    "scores": [c.score for c in s.classes],
+                    "daam": s.daam,
+                }
+
+
+def _collate(items: list[dict]) -> list[dict]:
+    return items
+
+
+@dataclass
+class Scores:
+    methods: dict[str, IoUAccumulator] = field(default_factory=lambda: {"head": IoUAccumulator(), "daam": IoUAccumulator()})
+    images: dict[str, int] = field(default_factory=dict)  # per class, all test images
+    filtered: dict[str, int] = field(default_factory=dict)  # per class, no trusted teacher mask
+    examples: dict[str, list[Example]] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def score(head: torch.nn.Module, shard_dir: Path, shard_names: list[str], layers: list[str], *, gt_min_score: float, threshold: float = 0.5, batch_size: int = 16,
+          device: str = "cpu", workers: int = 2, examples_per_class: int = 3, progress=None) -> Scores:
+    """Per-class IoU of the head's masks and of DAAM's, against the teacher's confident masks."""
+    paths = [str(shard_dir / n) for n in shard_names]
+    loader = DataLoader(_TestSamples(paths, layers), batch_size=batch_size, collate_fn=_collate, num_workers=min(workers, len(paths)))
+    logit_thr = math.log(threshold / (1 - threshold))
+    out = Scores()
+    for batch in loader:
+        q = max(len(item["names"]) for item in batch)
+        feats = {p: torch.stack([item["features"][p] for item in batch]).to(device) for p in layers}
+        queries = torch.zeros(len(batch), q, batch[0]["queries"].shape[-1])
+        valid = torch.zeros(len(batch), q, dtype=torch.bool)
+        for b, item in enumerate(batch):
+            queries[b, : len(item["names"])] = item["queries"]
+            valid[b, : len(item["names"])] = True
+        logits = head(feats, queries.to(device), valid.to(device)).float()
+        size = batch[0]["image"].shape[0]
+        preds = (F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False) > logit_thr).cpu().numpy()
+        for b, item in enumerate(batch):
+            daam = daam_masks(item["daam"], size) if item["daam"] is not None else None
+            for i, name in enumerate(item["names"]):
+                out.images[name] = out.images.get(name, 0) + 1
+                gt = item["gt"][i]
+                if gt is None or item["scores"][i] < gt_min_score:
+                    out.filtered[name] = out.filtered.get(name, 0) + 1
+                    continue
+                target = gt.astype(bool)
+                out.methods["head"].update(name, preds[b, i], target)
+                if daam is not None:
+                    out.methods["daam"].update(name, daam[i], target)
+                shown = out.examples.setdefault(name, [])
+                if len(shown) < examples_per_class:
+                    masks = {"teacher": target, "head": preds[b, i]}
+                    if daam is not None:
+                        masks["daam"] = daam[i]
+                    shown.append(Example(image=item["image"], masks=masks, caption=name))
+        if progress is not None:
+            progress(len(batch))
+    if not any(out.methods["daam"].counts().values()):
+        out.methods.pop("daam")
+    return out

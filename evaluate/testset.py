@@ -1,0 +1,80 @@
+"""Test shards for iosd-eval, built with the generate stage's own machinery.
+
+The test set mirrors the checkpoint's training shards (same model, features, template,
+teacher) but draws every seen and unseen class, ``images_per_class`` one-object prompts
+each (or two-object prompts grouped seen+seen / seen+unseen / unseen+unseen), from the
+``test`` seed stream (disjoint from training), keeps every image (filtered ones are
+counted, not scored) and stores DAAM's cross-attention maps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+from iosd.classes import ClassSplit
+from iosd.errors import UserError
+from iosd.manifest import feature_layout, layout_mismatch, read_manifest
+from iosd.pipeline.generate import GenConfig
+from iosd.schema import MANIFEST_NAME
+
+# generation options a test set copies from the training shards
+COPIED = ("classes", "split", "source", "model", "revision", "template", "template2", "steps", "guidance", "resolution", "batch_size", "layers", "feature_dtype", "codec", "feature_t", "feature_step", "teacher_config", "teacher_checkpoint", "score_thr", "mask_thr", "seed")
+
+
+def default_test_dir(info: dict) -> Path:
+    """Beside the training shards (``<dir>-test``), or shards/<classes><split>-test."""
+    spec = (info.get("shards") or {}).get("spec", "")
+    local = Path(spec)
+    if spec and local.is_dir():
+        return local.parent / f"{local.name}-test"
+    gen = info.get("generation") or {}
+    return Path("shards") / f"{gen.get('classes', 'set')}{gen.get('split', '')}-test"
+
+
+def test_config(info: dict, out: Path, images_per_class: int, objects: str, device: str) -> GenConfig:
+    gen = info.get("generation")
+    if not gen:
+        raise UserError("the checkpoint does not record how its shards were generated", "retrain with this iosd, or pass --test-shards built by iosd-gen")
+    known = {f.name for f in fields(GenConfig)}
+    options = {k: gen[k] for k in COPIED if k in gen and k in known}
+    return GenConfig(
+        **options,
+        subset="all",
+        objects=objects,
+        stream="test",
+        images_per_class=images_per_class,
+        shard_size=max(1, min(100, images_per_class * 4)),
+        min_score=0.0,  # keep every mask: the confidence filter is applied when scoring
+        daam=True,
+        out=str(out),
+        device=device,
+    )
+
+
+def ensure_test_shards(info: dict, test_dir: Path | None, images_per_class: int, objects: str, device: str, quiet: bool = False) -> Path:
+    """The test shard directory, generated (or resumed) when it is missing or incomplete."""
+    out = Path(test_dir) if test_dir is not None else default_test_dir(info)
+    manifest_path = out / MANIFEST_NAME
+    if manifest_path.exists() and read_manifest(out).get("complete"):
+        return out
+    if test_dir is not None and out.exists() and any(out.iterdir()) and not manifest_path.exists():
+        raise UserError(f"--test-shards {out} holds no {MANIFEST_NAME}", "point at shards built by iosd-gen/iosd-eval, or a new directory")
+    from iosd.pipeline.generate import generate
+
+    cfg = test_config(info, out, images_per_class, objects, device)
+    cfg.quiet = quiet
+    generate(cfg)
+    return out
+
+
+def check_compatible(info: dict, manifest: dict, split: ClassSplit, where: Path) -> None:
+    """Refuse test shards whose split or feature layout differs from the checkpoint's."""
+    test_split = ClassSplit.from_json(manifest["classes"])
+    if (test_split.seen, test_split.unseen) != (split.seen, split.unseen):
+        raise UserError(f"{where} holds {test_split.name} split {test_split.split}, the checkpoint was trained on {split.name} split {split.split}", "pass test shards of the checkpoint's split (or none, to build them)")
+    diff = layout_mismatch(info["layout"], feature_layout(manifest))
+    if diff:
+        raise UserError(f"{where} does not match the checkpoint's features: {diff}", "build test shards with the checkpoint's model and --layers")
+    if not manifest.get("complete"):
+        raise UserError(f"{where} is incomplete", "rerun iosd-eval (it resumes building them) or iosd-gen")

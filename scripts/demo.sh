@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole loop on the embedded default, on a CPU: shapes world + tiny random-weight SDXL.
+# Shows the machinery and that the head learns; not the numbers of the real SDXL-Turbo system.
+set -euo pipefail
+DEMO=${IOSD_DEMO_DIR:-demo}
+SET=$DEMO/shards/shapes1
+echo "== 1/4 training shards: shapes world, tiny SDXL, split 1 seen classes"
+iosd-gen --classes shapes --source shapes --model tiny --split 1 --num-samples ${IOSD_DEMO_SAMPLES:-800} --shard-size 100 --batch-size 16 --out "$SET"
+iosd-shards verify "$SET"
+iosd-shards show "$SET" --n 12
+echo "== 2/4 train the iosd head from the shards (no diffusion)"
+iosd-train "$SET" --head iosd --out "$DEMO/runs/shapes1-iosd" ${IOSD_DEMO_TRAIN_ARGS:-}
+echo "== 3/4 + 4/4 test shards (seen + unseen classes, with DAAM maps), then mIoU vs DAAM"
+iosd-eval --checkpoint "$DEMO/runs/shapes1-iosd" --images-per-class ${IOSD_DEMO_IMAGES_PER_CLASS:-20} --report "$DEMO/report"
+echo "report: $DEMO/report/report.md (pictures: $DEMO/report/grids/, preview: $SET/preview.png)"
