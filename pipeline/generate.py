@@ -290,7 +290,7 @@ class Generator:
         if self.cfg.source == "shapes":
             out = shapes_world(self.loaded, self.capture, prompts, [c.names for c in batch], seeds, size=self.cfg.resolution, feature_t=self.cfg.feature_t)
         else:
-            out = diffuse(self.loaded, self.capture, prompts, seeds, steps=self.cfg.steps, size=self.cfg.resolution, guidance=self.cfg.guidance, feature_step=self.cfg.feature_step, feature_t=self.cfg.feature_t)
+            out = diffuse(self.loaded, self.capture, prompts, seeds, steps=self.cfg.steps, size=self.cfg.resolution, guidance=self.cfg.guidance, feature_step=self.cfg.feature_step, feature_t=self.cfg.feature_t, daam=self.daam)
         if self.loaded.device.type == "cuda":
             torch.cuda.synchronize(self.loaded.device)
         self.times.add("diffusion", time.perf_counter() - t0)

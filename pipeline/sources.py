@@ -54,9 +54,10 @@ def renoised_pass(loaded: LoadedModel, capture: FeatureCapture, latents: torch.T
 
 
 @torch.no_grad()
-def diffuse(loaded: LoadedModel, capture: FeatureCapture, prompts: list[str], seeds: list[int], *, steps: int, size: int, guidance: float, feature_step: int, feature_t: int | None) -> Produced:
+def diffuse(loaded: LoadedModel, capture: FeatureCapture, prompts: list[str], seeds: list[int], *, steps: int, size: int, guidance: float, feature_step: int, feature_t: int | None, daam=None) -> Produced:
     """Generate images with the SDXL pipeline; capture features at denoising call ``feature_step``
-    (negative counts from the end) or, with ``feature_t``, in an extra pass on the final latent."""
+    (negative counts from the end) or, with ``feature_t``, in an extra pass on the final latent.
+    A DAAM recorder, if given, sees the denoising calls only."""
     unet = loaded.pipe.unet
     target = feature_step % steps
     calls = {"n": 0}
@@ -78,7 +79,13 @@ def diffuse(loaded: LoadedModel, capture: FeatureCapture, prompts: list[str], se
     if feature_t is None:
         features = capture.take()
     else:
-        features = renoised_pass(loaded, capture, latents, prompts, seeds, feature_t, size)
+        if daam is not None:
+            daam.armed = False
+        try:
+            features = renoised_pass(loaded, capture, latents, prompts, seeds, feature_t, size)
+        finally:
+            if daam is not None:
+                daam.armed = True
     return Produced(decode_images(loaded, latents), features)
 
 
