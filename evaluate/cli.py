@@ -38,9 +38,9 @@ def _check_split(info: dict, classes: str | None, split: int | None):
 @click.option("--checkpoint", default=None, help="run directory of iosd-train [default: the most recent run under runs/]")
 @click.option("--classes", default=None, help="class set; must match the checkpoint's [default: the checkpoint's]")
 @click.option("--split", type=int, default=None, help="class split; must match the checkpoint's")
-@click.option("--test-shards", default=None, type=click.Path(path_type=Path), help="test shard directory [default: beside the training shards, '<dir>-test']; built when missing")
-@click.option("--images-per-class", type=int, default=50, help="test images generated per class")
-@click.option("--objects", type=click.Choice(["1", "2"]), default="1", help="objects per test prompt")
+@click.option("--test-shards", default=None, type=click.Path(path_type=Path), help="test shard directory [default: beside the training shards, '<dir>-test', or '<dir>-test2' with --objects 2]; built when missing")
+@click.option("--images-per-class", type=int, default=50, help="test images generated per class (with --objects 2: per class and prompt group)")
+@click.option("--objects", type=click.Choice(["1", "2"]), default="1", help="objects per test prompt; 2 scores GD's groups seen+seen, seen+unseen, unseen+unseen")
 @click.option("--min-score", "gt_min_score", type=float, default=0.8, help="teacher confidence for a mask to count as ground truth (IOSD)")
 @click.option("--threshold", type=float, default=0.5, help="sigmoid threshold of the head's masks")
 @click.option("--report", "report_dir", default=None, type=click.Path(path_type=Path), help="report directory [default: RUN/eval-<test set>]")
@@ -65,8 +65,6 @@ def main(checkpoint, classes, split, test_shards, images_per_class, objects, gt_
         raise UserError("--images-per-class and --batch-size must be positive", "pass numbers > 0")
     if not 0 < threshold < 1:
         raise UserError(f"--threshold {threshold} is outside (0, 1)", "pass e.g. 0.5")
-    if objects == "2":
-        raise UserError("two-object test prompts (--objects 2) are not built yet", "use --objects 1")
     console = Console(stderr=True)
     run = _resolve_run(checkpoint, runs_root)
     dev = str(pick_device(device))
@@ -88,15 +86,16 @@ def main(checkpoint, classes, split, test_shards, images_per_class, objects, gt_
             task = bar.add_task("scoring", total=total)
             scores = score(head, test_dir, [s["name"] for s in manifest["shards"]], layers, gt_min_score=gt_min_score, threshold=threshold, batch_size=batch_size, device=dev, progress=lambda n: bar.advance(task, n))
     results = {m: acc.summary(split_.seen, split_.unseen) for m, acc in scores.methods.items()}
+    groups = scores.group_results(split_.seen, split_.unseen)
     provenance = {
         "checkpoint": {"run": str(run), "step": info.get("step"), "head": info["head"].get("kind"), "train_shards": info.get("shards")},
         "test_shards": {"dir": str(test_dir), "manifest_sha256": hashlib.sha256((test_dir / MANIFEST_NAME).read_bytes()).hexdigest(), "images": total, "masks_meaningful": manifest.get("masks_meaningful")},
         "protocol": {"gt_min_score": gt_min_score, "threshold": threshold, "images_per_class": images_per_class, "objects": objects},
-        "counts": {"images": scores.images, "filtered": scores.filtered},
+        "counts": {"images": scores.images, "filtered": scores.filtered, **({"group_images": scores.group_images} if groups else {})},
     }
     out = report_dir or (run / f"eval-{test_dir.name}")
-    written = write_report(out, results, provenance, scores.examples)
-    print_table(results, console=Console())
+    written = write_report(out, results, provenance, scores.examples, groups=groups)
+    print_table(results, console=Console(), groups=groups)
     if not manifest.get("masks_meaningful", True):
         console.print("[yellow]note:[/] the teacher of these test shards has random weights: its masks are meaningless")
     click.echo(json.dumps({"report": str(written["json"]), "markdown": str(written["md"])}))

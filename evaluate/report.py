@@ -2,7 +2,9 @@
 
 ``results`` everywhere is ``{method: IoUAccumulator.summary(seen, unseen)}`` (e.g. "head",
 "daam"). IoUs are fractions in report.json and percentages (two decimals, as the papers
-print them) in report.md and on the terminal.
+print them) in report.md and on the terminal. Two-object test sets add ``groups``:
+``{group: {method: summary}}`` per prompt group, laid out as GD's Table 1 (Seen+Seen: seen;
+Seen+Unseen: seen, unseen, harmonic; Unseen+Unseen: unseen).
 """
 
 from __future__ import annotations
@@ -56,10 +58,39 @@ def _ordered_classes(results: Mapping[str, dict]) -> list[tuple[str, str | None]
     return sorted(subsets.items(), key=lambda kv: (rank.get(kv[1], 2), kv[0]))
 
 
-def build_report(results: Mapping[str, dict], provenance: Mapping[str, Any]) -> dict:
-    """The report.json document: every method's summary plus where the numbers came from."""
+def group_columns(groups: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(group, quantity) columns of GD's Table 1: the subsets a group draws from, plus
+    their harmonic mean when it mixes seen and unseen classes."""
+    cols = []
+    for group in groups:
+        subsets = [s for s in ("seen", "unseen") if s in group.split("+")]
+        cols += [(group, s) for s in subsets] + ([(group, "harmonic")] if len(subsets) == 2 else [])
+    return cols
+
+
+def group_value(summary: dict | None, quantity: str, protocol: str = "miou") -> float | None:
+    """One cell of the group table: ``quantity`` seen/unseen/harmonic under ``protocol``."""
+    if summary is None:
+        return None
+    return summary[f"harmonic_{protocol}"] if quantity == "harmonic" else summary[quantity][protocol]
+
+
+def _group_title(group: str, quantity: str) -> str:
+    return f"{group.title()}: {quantity.title()}"
+
+
+def _group_methods(groups: Mapping[str, Mapping[str, dict]]) -> list[str]:
+    return list(dict.fromkeys(m for per in groups.values() for m in per))
+
+
+def build_report(results: Mapping[str, dict], provenance: Mapping[str, Any], groups: Mapping[str, Mapping[str, dict]] | None = None) -> dict:
+    """The report.json document: every method's summary plus where the numbers came from.
+
+    ``groups`` (two-object test sets) adds the per-group summaries under "groups".
+    """
     if not results:
         raise UserError("no results to report", "evaluate at least one method")
+    extra = {"groups": {g: dict(per) for g, per in groups.items()}} if groups else {}
     return {
         "iosd_version": __version__,
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -70,6 +101,7 @@ def build_report(results: Mapping[str, dict], provenance: Mapping[str, Any]) -> 
             "harmonic": "2 * seen * unseen / (seen + unseen)",
         },
         "methods": dict(results),
+        **extra,
         "provenance": dict(provenance),
     }
 
@@ -104,6 +136,8 @@ def render_markdown(report: dict) -> str:
         rows.append([cls, subset or MISSING, str(images)] + [percent(methods[m]["per_class"].get(cls, {}).get("iou")) for m in names])
     out += ["", "## Per class (IoU %)", ""]
     out += _table(["Class", "Split", "Images"] + names, rows, "llr" + "r" * len(names))
+    if report.get("groups"):
+        out += ["", *_group_markdown(report["groups"])]
     differ = [m for m in names[1:] if {c: r["images"] for c, r in methods[m]["per_class"].items()} != {c: r["images"] for c, r in first["per_class"].items()}]
     if differ:
         out += ["", f"Image counts are those of {names[0]}; {', '.join(differ)} saw other counts (see report.json)."]
@@ -118,6 +152,20 @@ def render_markdown(report: dict) -> str:
         out.append(f"- **{key}**: `{text}`")
     out += [f"- **iosd**: `{report['iosd_version']}`", f"- **created (UTC)**: `{report['created_utc']}`", ""]
     return "\n".join(out)
+
+
+def _group_markdown(groups: Mapping[str, Mapping[str, dict]]) -> list[str]:
+    """GD's Table 1: two-object prompts, one column block per group, mIoU then pooled IoU."""
+    cols = group_columns(groups)
+    header = ["Method"] + [_group_title(g, q) for g, q in cols]
+    out = ["## Two-object prompts by group (GD Table 1)", ""]
+    out += ["mIoU (%), category-wise: a class's IoU over the images of that group only.", ""]
+    for protocol, title in (("miou", None), ("pooled_iou", "Pooled per-image IoU (%) by group (IOSD protocol).")):
+        if title:
+            out += ["", title, ""]
+        rows = [[m] + [percent(group_value(groups[g].get(m), q, protocol)) for g, q in cols] for m in _group_methods(groups)]
+        out += _table(header, rows, "l" + "r" * len(cols))
+    return out
 
 
 def _writable_dir(out_dir: str | Path) -> Path:
@@ -205,12 +253,13 @@ def write_report(
     provenance: Mapping[str, Any],
     examples: Mapping[str, Sequence[Example]] | None = None,
     columns: Sequence[str] = GRID_COLUMNS,
+    groups: Mapping[str, Mapping[str, dict]] | None = None,
 ) -> dict[str, Path | list[Path]]:
     """Write report.json, report.md, per_class_iou.png and grids/<class>.png (all atomically)."""
     from iosd.viz import save_png_atomic
 
     out = _writable_dir(out_dir)
-    report = build_report(results, provenance)
+    report = build_report(results, provenance, groups)
     written: dict[str, Path | list[Path]] = {}
     try:
         write_json_atomic(out / REPORT_JSON, report)
@@ -228,8 +277,8 @@ def write_report(
     return written
 
 
-def print_table(results: Mapping[str, dict], console=None) -> None:
-    """The headline table on the terminal: one row per method."""
+def print_table(results: Mapping[str, dict], console=None, groups: Mapping[str, Mapping[str, dict]] | None = None) -> None:
+    """The headline table on the terminal: one row per method (and GD's group table, if any)."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -245,4 +294,22 @@ def print_table(results: Mapping[str, dict], console=None) -> None:
             escape(f"{percent(s['unseen']['miou'])} [{percent(s['unseen']['pooled_iou'])}]"),
             escape(f"{percent(s['harmonic_miou'])} [{percent(s['harmonic_pooled_iou'])}]"),
         )
-    (console or Console()).print(table)
+    console = console or Console()
+    console.print(table)
+    if groups:
+        console.print(_group_table(groups))
+
+
+def _group_table(groups: Mapping[str, Mapping[str, dict]]):
+    from rich.markup import escape
+    from rich.table import Table
+
+    cols = group_columns(groups)
+    table = Table(title="two-object prompts by group: mIoU (%)", caption=escape("[pooled per-image IoU, IOSD protocol]"))
+    table.add_column("Method", style="bold")
+    for g, q in cols:
+        table.add_column(f"{g.title()}\n{q.title()}", justify="right")
+    for m in _group_methods(groups):
+        cells = [f"{percent(group_value(groups[g].get(m), q))} [{percent(group_value(groups[g].get(m), q, 'pooled_iou'))}]" for g, q in cols]
+        table.add_row(escape(m), *map(escape, cells))
+    return table

@@ -1,9 +1,13 @@
-"""Score a head (and DAAM) on cached test shards: batched, no diffusion, decode in workers."""
+"""Score a head (and DAAM) on cached test shards: batched, no diffusion, decode in workers.
+
+Two-object test shards also score each prompt group (seen+seen, seen+unseen,
+unseen+unseen) on its own: a class's IoU within a group comes from that group's images.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from iosd.evaluate.metrics import IoUAccumulator
 from iosd.evaluate.report import Example
 from iosd.pipeline.daam import daam_masks
-from iosd.schema import KEPT, iter_tar_samples
+from iosd.schema import KEPT, PAIR_GROUPS, iter_tar_samples
 
 
 class _TestSamples(IterableDataset):
@@ -37,6 +41,7 @@ class _TestSamples(IterableDataset):
                     "gt": [s.masks[c.mask_index] if c.decision == KEPT and c.mask_index is not None else None for c in s.classes],
                     "scores": [c.score for c in s.classes],
                     "daam": s.daam,
+                    "group": s.extra.get("group"),
                 }
 
 
@@ -44,35 +49,63 @@ def _collate(items: list[dict]) -> list[dict]:
     return items
 
 
+def shard_batches(shard_dir: Path, shard_names: list[str], layers: list[str], batch_size: int = 16, workers: int = 2) -> DataLoader:
+    """Batches (lists of decoded samples) of the test shards, decoded in ``workers`` processes."""
+    paths = [str(shard_dir / n) for n in shard_names]
+    return DataLoader(_TestSamples(paths, layers), batch_size=batch_size, collate_fn=_collate, num_workers=min(workers, len(paths)))
+
+
+def head_inputs(batch: list[dict], layers: list[str], device: str) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(features, queries, valid) of a batch: queries padded to its longest prompt."""
+    q = max(len(item["names"]) for item in batch)
+    feats = {p: torch.stack([item["features"][p] for item in batch]).to(device) for p in layers}
+    queries = torch.zeros(len(batch), q, batch[0]["queries"].shape[-1])
+    valid = torch.zeros(len(batch), q, dtype=torch.bool)
+    for b, item in enumerate(batch):
+        queries[b, : len(item["names"])] = item["queries"]
+        valid[b, : len(item["names"])] = True
+    return feats, queries.to(device), valid.to(device)
+
+
+def _methods() -> dict[str, IoUAccumulator]:
+    return {"head": IoUAccumulator(), "daam": IoUAccumulator()}
+
+
 @dataclass
 class Scores:
-    methods: dict[str, IoUAccumulator] = field(default_factory=lambda: {"head": IoUAccumulator(), "daam": IoUAccumulator()})
+    methods: dict[str, IoUAccumulator] = field(default_factory=_methods)
     images: dict[str, int] = field(default_factory=dict)  # per class, all test images
     filtered: dict[str, int] = field(default_factory=dict)  # per class, no trusted teacher mask
     examples: dict[str, list[Example]] = field(default_factory=dict)
+    groups: dict[str, dict[str, IoUAccumulator]] = field(default_factory=dict)  # group -> method -> IoUs
+    group_images: dict[str, int] = field(default_factory=dict)  # per group, all test images
+
+    def group_results(self, seen: Sequence[str], unseen: Sequence[str]) -> dict[str, dict[str, dict]]:
+        """{group: {method: summary}} in GD's order; a group only counts the subsets it draws from."""
+        out = {}
+        for group in [g for g in PAIR_GROUPS if g in self.groups] + sorted(set(self.groups) - set(PAIR_GROUPS)):
+            subsets = set(group.split("+"))
+            mine = (list(seen) if "seen" in subsets else [], list(unseen) if "unseen" in subsets else [])
+            out[group] = {m: acc.summary(*mine) for m, acc in self.groups[group].items()}
+        return out
 
 
 @torch.no_grad()
 def score(head: torch.nn.Module, shard_dir: Path, shard_names: list[str], layers: list[str], *, gt_min_score: float, threshold: float = 0.5, batch_size: int = 16,
           device: str = "cpu", workers: int = 2, examples_per_class: int = 3, progress=None) -> Scores:
     """Per-class IoU of the head's masks and of DAAM's, against the teacher's confident masks."""
-    paths = [str(shard_dir / n) for n in shard_names]
-    loader = DataLoader(_TestSamples(paths, layers), batch_size=batch_size, collate_fn=_collate, num_workers=min(workers, len(paths)))
     logit_thr = math.log(threshold / (1 - threshold))
     out = Scores()
-    for batch in loader:
-        q = max(len(item["names"]) for item in batch)
-        feats = {p: torch.stack([item["features"][p] for item in batch]).to(device) for p in layers}
-        queries = torch.zeros(len(batch), q, batch[0]["queries"].shape[-1])
-        valid = torch.zeros(len(batch), q, dtype=torch.bool)
-        for b, item in enumerate(batch):
-            queries[b, : len(item["names"])] = item["queries"]
-            valid[b, : len(item["names"])] = True
-        logits = head(feats, queries.to(device), valid.to(device)).float()
+    for batch in shard_batches(shard_dir, shard_names, layers, batch_size, workers):
+        logits = head(*head_inputs(batch, layers, device)).float()
         size = batch[0]["image"].shape[0]
         preds = (F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False) > logit_thr).cpu().numpy()
         for b, item in enumerate(batch):
             daam = daam_masks(item["daam"], size) if item["daam"] is not None else None
+            group = item["group"]
+            if group:
+                out.group_images[group] = out.group_images.get(group, 0) + 1
+            tallies = [out.methods, out.groups.setdefault(group, _methods())] if group else [out.methods]
             for i, name in enumerate(item["names"]):
                 out.images[name] = out.images.get(name, 0) + 1
                 gt = item["gt"][i]
@@ -80,9 +113,10 @@ def score(head: torch.nn.Module, shard_dir: Path, shard_names: list[str], layers
                     out.filtered[name] = out.filtered.get(name, 0) + 1
                     continue
                 target = gt.astype(bool)
-                out.methods["head"].update(name, preds[b, i], target)
-                if daam is not None:
-                    out.methods["daam"].update(name, daam[i], target)
+                for methods in tallies:
+                    methods["head"].update(name, preds[b, i], target)
+                    if daam is not None:
+                        methods["daam"].update(name, daam[i], target)
                 shown = out.examples.setdefault(name, [])
                 if len(shown) < examples_per_class:
                     masks = {"teacher": target, "head": preds[b, i]}
@@ -92,5 +126,6 @@ def score(head: torch.nn.Module, shard_dir: Path, shard_names: list[str], layers
         if progress is not None:
             progress(len(batch))
     if not any(out.methods["daam"].counts().values()):
-        out.methods.pop("daam")
+        for methods in [out.methods, *out.groups.values()]:
+            methods.pop("daam")
     return out

@@ -22,14 +22,31 @@ from iosd.schema import MANIFEST_NAME
 COPIED = ("classes", "split", "source", "model", "revision", "template", "template2", "steps", "guidance", "resolution", "batch_size", "layers", "feature_dtype", "codec", "feature_t", "feature_step", "teacher_config", "teacher_checkpoint", "score_thr", "mask_thr", "seed")
 
 
-def default_test_dir(info: dict) -> Path:
-    """Beside the training shards (``<dir>-test``), or shards/<classes><split>-test."""
+def default_test_dir(info: dict, objects: str = "1") -> Path:
+    """Beside the training shards (``<dir>-test``), or shards/<classes><split>-test.
+
+    Two-object test sets end in ``-test2``: ``objects`` is part of a shard set's identity,
+    so the two kinds can never share a directory.
+    """
+    suffix = "-test" if objects == "1" else f"-test{objects}"
     spec = (info.get("shards") or {}).get("spec", "")
     local = Path(spec)
     if spec and local.is_dir():
-        return local.parent / f"{local.name}-test"
+        return local.parent / f"{local.name}{suffix}"
     gen = info.get("generation") or {}
-    return Path("shards") / f"{gen.get('classes', 'set')}{gen.get('split', '')}-test"
+    return Path("shards") / f"{gen.get('classes', 'set')}{gen.get('split', '')}{suffix}"
+
+
+def built_objects(manifest: dict) -> str:
+    """Objects per prompt of a shard set ("1" for sets written before the option existed)."""
+    return str((manifest.get("config") or {}).get("objects", "1"))
+
+
+def check_objects(manifest: dict, objects: str, where: Path) -> None:
+    """Refuse test shards built with another --objects: their images answer another question."""
+    built = built_objects(manifest)
+    if built != objects:
+        raise UserError(f"{where} holds {built}-object test prompts, not --objects {objects}", f"pass --objects {built}, or another --test-shards directory (or none, to build one)")
 
 
 def test_config(info: dict, out: Path, images_per_class: int, objects: str, device: str) -> GenConfig:
@@ -54,10 +71,13 @@ def test_config(info: dict, out: Path, images_per_class: int, objects: str, devi
 
 def ensure_test_shards(info: dict, test_dir: Path | None, images_per_class: int, objects: str, device: str, quiet: bool = False) -> Path:
     """The test shard directory, generated (or resumed) when it is missing or incomplete."""
-    out = Path(test_dir) if test_dir is not None else default_test_dir(info)
+    out = Path(test_dir) if test_dir is not None else default_test_dir(info, objects)
     manifest_path = out / MANIFEST_NAME
-    if manifest_path.exists() and read_manifest(out).get("complete"):
-        return out
+    if manifest_path.exists():
+        manifest = read_manifest(out)
+        check_objects(manifest, objects, out)
+        if manifest.get("complete"):
+            return out
     if test_dir is not None and out.exists() and any(out.iterdir()) and not manifest_path.exists():
         raise UserError(f"--test-shards {out} holds no {MANIFEST_NAME}", "point at shards built by iosd-gen/iosd-eval, or a new directory")
     from iosd.pipeline.generate import generate

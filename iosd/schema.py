@@ -5,7 +5,8 @@ A shard set is a directory with ``dataset.json`` (the manifest) and WebDataset t
 has no dots (WebDataset splits at the first dot):
 
 - ``png``            the image, RGB, lossless
-- ``json``           prompt, seed, classes with scores and filter decisions (``SampleMeta``)
+- ``json``           prompt, seed, classes with scores and filter decisions (``SampleMeta``);
+                     two-object test prompts add ``group`` (one of ``PAIR_GROUPS``)
 - ``masks.npz``      ``masks``: uint8 (K, H, W), one 0/1 mask per *kept* class
 - ``emb.npy``        float32 (N, D): the query embedding of every class in ``json`` order
 - ``feat.zarr.zip``  UNet features, one array per layer (``iosd.featstore``)
@@ -43,6 +44,9 @@ KEPT = "kept"
 EMPTY_MASK = "empty_mask"
 LOW_SCORE = "low_score"
 DECISIONS = (KEPT, EMPTY_MASK, LOW_SCORE)
+
+# two-object test prompts, grouped as GD's Table 1: which subsets the two classes come from
+PAIR_GROUPS = ("seen+seen", "seen+unseen", "unseen+unseen")
 
 
 def shard_name(index: int) -> str:

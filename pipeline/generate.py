@@ -31,9 +31,10 @@ from iosd.pipeline.prompts import GD_TEMPLATE, GD_TEMPLATE_2, PromptSpec, make_p
 from iosd.pipeline.sources import SOURCES, Produced, diffuse, renoised_pass, shapes_world
 from iosd.pipeline.text import class_embeddings, embedding_spec, find_token_span
 from iosd.pipeline.writer import ShardSetWriter
-from iosd.schema import KEPT, Sample, encode_sample, sample_key
+from iosd.schema import KEPT, PAIR_GROUPS, Sample, encode_sample, sample_key
 
 STREAMS = {"train": 0, "test": 1}  # test seeds never collide with training seeds
+PAIRS_TAG = 0x70616972  # "pair": the two-object plan's own random stream, apart from candidates'
 IMAGE_SOURCE_T = 50  # default re-noising timestep for image sources (GD: features near the end)
 # Fields that do not change a shard's content: changing them never invalidates a set.
 # (batch_size stays in the identity: batched kernels round differently per batch size.)
@@ -133,6 +134,7 @@ class Candidate:
     seed: int
     prompt: str
     names: list[str]
+    group: str | None = None  # two-object test prompts: one of PAIR_GROUPS
 
 
 @dataclass
@@ -147,6 +149,29 @@ class StageTimes:
             self.seconds[stage] += dt
 
 
+def plan_pairs(seen: list[str], unseen: list[str], per_class: int, rng: np.random.Generator) -> tuple[list[tuple[str, str]], list[str]]:
+    """GD's two-object test prompts: each class ``per_class`` times with a random partner.
+
+    seen+seen pairs every seen class with another seen one, seen+unseen every unseen class
+    with a seen one, unseen+unseen every unseen class with another unseen one (a group with
+    too few classes is left out). Returns the pairs, in random order within each, and groups.
+    """
+    pairs: list[tuple[str, str]] = []
+    groups: list[str] = []
+    for group, anchors, partners in zip(PAIR_GROUPS, (seen, unseen, unseen), (seen, seen, unseen), strict=True):
+        if not anchors or len(set(anchors) | set(partners)) < 2:
+            continue
+        for a in anchors:
+            others = [c for c in partners if c != a]
+            for _ in range(per_class):
+                b = others[rng.integers(len(others))]
+                pairs.append((a, b) if rng.random() < 0.5 else (b, a))
+                groups.append(group)
+    if not pairs:
+        raise UserError("two-object test prompts need at least two classes", "use --objects 1 or a split with more classes")
+    return pairs, groups
+
+
 class Plan:
     """Which candidates make up each shard, and how many samples it must hold."""
 
@@ -154,7 +179,15 @@ class Plan:
         self.cfg = cfg
         self.classes = split.subset(cfg.subset)
         self.spec = PromptSpec(cfg.objects, cfg.template, cfg.template2, cfg.negative)
-        if cfg.images_per_class is not None:
+        self.groups: list[str] | None = None
+        if cfg.images_per_class is not None and cfg.objects == "2":
+            # drawn from its own stream: the same plan on every rank and every rerun
+            rng = np.random.default_rng([cfg.seed, STREAMS[cfg.stream], PAIRS_TAG])
+            seen = [c for c in split.seen if c in self.classes]
+            unseen = [c for c in split.unseen if c in self.classes]
+            self.fixed, self.groups = plan_pairs(seen, unseen, cfg.images_per_class, rng)
+            total = len(self.fixed)
+        elif cfg.images_per_class is not None:
             self.fixed = [c for c in self.classes for _ in range(cfg.images_per_class)]
             total = len(self.fixed)
         else:
@@ -169,9 +202,11 @@ class Plan:
     def candidate(self, shard: int, attempt: int) -> Candidate:
         rng = np.random.default_rng([self.cfg.seed, STREAMS[self.cfg.stream], shard, attempt])
         seed = int(rng.integers(2**31 - 1))
-        query = self.fixed[shard * self.cfg.shard_size + attempt] if self.fixed else None
-        prompt, names = make_prompt(rng, self.classes, self.spec, query)
-        return Candidate(shard, attempt, seed, prompt, names)
+        index = shard * self.cfg.shard_size + attempt
+        fixed = self.fixed[index] if self.fixed else None
+        query, pair = (None, fixed) if isinstance(fixed, tuple) else (fixed, None)
+        prompt, names = make_prompt(rng, self.classes, self.spec, query, pair=pair)
+        return Candidate(shard, attempt, seed, prompt, names, self.groups[index] if self.groups else None)
 
     def max_attempts(self, shard: int) -> int:
         return self.target(shard) if self.fixed else 50 * self.target(shard) + 100
@@ -325,7 +360,7 @@ class Generator:
             masks=masks,
             embeddings=np.stack([self.embeddings[n] for n in cand.names]),
             daam=heat,
-            extra={"shard": cand.shard, "attempt": cand.attempt, "source": self.cfg.source},
+            extra={"shard": cand.shard, "attempt": cand.attempt, "source": self.cfg.source, **({"group": cand.group} if cand.group else {})},
         )
         members = encode_sample(sample, feat_bytes)
         self.times.add("encode", time.perf_counter() - t0)

@@ -91,7 +91,7 @@ def decode_images(loaded: LoadedModel, latents: torch.Tensor) -> np.ndarray:
 def encode_images(loaded: LoadedModel, images: np.ndarray) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> latents (distribution mean, scaled), for image sources."""
     vae = loaded.pipe.vae
-    x = torch.from_numpy(images).to(loaded.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = torch.from_numpy(np.array(images, copy=True)).to(loaded.device).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
         lat = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
     return lat.to(loaded.dtype)

@@ -37,20 +37,28 @@ def _article(name: str) -> str:
     return ("an " if name[0].lower() in "aeiou" else "a ") + name
 
 
-def make_prompt(rng: np.random.Generator, classes: tuple[str, ...], spec: PromptSpec, query: str | None = None) -> tuple[str, list[str]]:
+def make_prompt(rng: np.random.Generator, classes: tuple[str, ...], spec: PromptSpec, query: str | None = None,
+                pair: tuple[str, str] | None = None) -> tuple[str, list[str]]:
     """A prompt and the class names it shows (each gets a teacher mask).
 
     ``query`` fixes the first class (evaluation plans); otherwise it is drawn from ``classes``.
+    ``pair`` fixes both classes of a two-object prompt, in order (two-object evaluation plans);
+    it draws nothing from ``rng``, so the plan alone decides the prompt.
     With ``negative``, IOSD's template holds the query and a random other class in random order.
     """
+    if pair is not None:
+        names = list(pair)
+        if spec.negative:
+            return NEGATIVE_TEMPLATE.format(*map(_article, names)), names
+        return spec.template2.format(*names), names
     first = query if query is not None else classes[rng.integers(len(classes))]
     others = [c for c in classes if c != first]
     if spec.negative:
         if not others:
             raise UserError("the negative-class prompt needs at least two classes", "drop --negative or add classes")
         other = others[rng.integers(len(others))]
-        pair = [first, other] if rng.random() < 0.5 else [other, first]
-        return NEGATIVE_TEMPLATE.format(*map(_article, pair)), pair
+        order = [first, other] if rng.random() < 0.5 else [other, first]
+        return NEGATIVE_TEMPLATE.format(*map(_article, order)), order
     two = spec.objects == "2" or (spec.objects == "mix" and rng.random() < 0.5)
     if two and others:
         other = others[rng.integers(len(others))]

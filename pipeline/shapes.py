@@ -25,7 +25,7 @@ from iosd.classes import load_split
 from iosd.errors import UserError
 
 SHAPE_NAMES: tuple[str, ...] = load_split("shapes", 1).all
-SIZE_RANGE = (0.25, 0.55)  # object extent as a fraction of the image side
+SIZE_RANGE = (0.4, 0.7)  # object extent as a fraction of the image side
 MIN_VISIBLE = 0.03  # fraction of the image each object must keep visible
 MAX_OCCLUDED = 0.25  # fraction of an object another one may cover
 PLACEMENT_TRIES = 24
@@ -84,13 +84,13 @@ def _cross(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return ((au < 0.3) & (av < 0.95)) | ((av < 0.3) & (au < 0.95))
 
 
-ARROW = np.array([[-1.0, -0.22], [0.15, -0.22], [0.15, -0.62], [1.0, 0.0], [0.15, 0.62], [0.15, 0.22], [-1.0, 0.22]])
+ARROW = np.array([[-1.0, -0.3], [0.05, -0.3], [0.05, -0.75], [1.0, 0.0], [0.05, 0.75], [0.05, 0.3], [-1.0, 0.3]])
 
 GEOMETRY: dict[str, Inside] = {
     "disc": lambda u, v: u * u + v * v < 1,
     "square": lambda u, v: np.maximum(np.abs(u), np.abs(v)) < 0.82,
     "triangle": _polygon(_regular(3, 1.05, -np.pi / 2) + [0, 0.2]),
-    "star": _polygon(_regular(5, 1.0, -np.pi / 2, inner=0.48)),
+    "star": _polygon(_regular(5, 1.0, -np.pi / 2, inner=0.58)),
     "ring": _ring,
     "cross": _cross,
     "heart": _heart,
@@ -98,7 +98,7 @@ GEOMETRY: dict[str, Inside] = {
     "hexagon": _polygon(_regular(6, 0.95, 0.0)),
     "diamond": lambda u, v: np.abs(u) / 0.6 + np.abs(v) < 1,
     "arrow": _polygon(ARROW),
-    "ellipse": lambda u, v: u * u + (v / 0.5) ** 2 < 1,
+    "ellipse": lambda u, v: u * u + (v / 0.6) ** 2 < 1,
 }
 
 

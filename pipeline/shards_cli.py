@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import click
-from iosd.pipeline import verify as shardcheck
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -23,6 +22,7 @@ from rich.progress import (
 from rich.table import Table
 
 from iosd.errors import user_errors
+from iosd.pipeline import verify as shardcheck
 from iosd.schema import DECISIONS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}

@@ -105,6 +105,36 @@ def test_print_table_shows_every_method():
     assert f"{100 * results['head']['harmonic_miou']:.2f}" in text
 
 
+def _group_results() -> dict:
+    """GD's three two-object groups; each counts only the subsets its prompts draw from."""
+    rng = np.random.default_rng(2)
+    groups = {}
+    for group, names, seen, unseen in (("seen+seen", SEEN, SEEN, []), ("seen+unseen", SEEN + UNSEEN, SEEN, UNSEEN), ("unseen+unseen", UNSEEN, [], UNSEEN)):
+        groups[group] = {}
+        for method, noise in (("head", 0.05), ("daam", 0.3)):
+            acc = IoUAccumulator()
+            for i in range(6):
+                target = rng.random((16, 16)) < 0.4
+                acc.update(names[i % len(names)], target ^ (rng.random((16, 16)) < noise), target)
+            groups[group][method] = acc.summary(seen, unseen)
+    return groups
+
+
+def test_two_object_groups_are_laid_out_like_gd_table_1():
+    groups = _group_results()
+    report = build_report(_results(), PROVENANCE, groups)
+    assert list(report["groups"]) == ["seen+seen", "seen+unseen", "unseen+unseen"]
+    md = render_markdown(report).splitlines()
+    header = md.index("| Method | Seen+Seen: Seen | Seen+Unseen: Seen | Seen+Unseen: Unseen | Seen+Unseen: Harmonic | Unseen+Unseen: Unseen |")
+    su = groups["seen+unseen"]["head"]
+    cells = [groups["seen+seen"]["head"]["seen"]["miou"], su["seen"]["miou"], su["unseen"]["miou"], su["harmonic_miou"], groups["unseen+unseen"]["head"]["unseen"]["miou"]]
+    assert md[header + 2] == "| head | " + " | ".join(f"{100 * v:.2f}" for v in cells) + " |"
+    assert "groups" not in build_report(_results(), PROVENANCE)  # one-object reports are unchanged
+    buf = io.StringIO()
+    print_table(_results(), console=Console(file=buf, width=160), groups=groups)
+    assert "two-object prompts by group" in buf.getvalue() and f"{100 * su['harmonic_miou']:.2f}" in buf.getvalue()
+
+
 def test_unwritable_report_directory_is_a_user_error(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("x")

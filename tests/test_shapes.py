@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from iosd.pipeline.shapes import GEOMETRY, MIN_VISIBLE, SHAPE_NAMES, class_hue, render_scene
 from matplotlib.colors import rgb_to_hsv
 
 from iosd.classes import load_split
 from iosd.errors import UserError
+from iosd.pipeline.shapes import GEOMETRY, MIN_VISIBLE, SHAPE_NAMES, class_hue, render_scene
 
 
 def _scene(names, seed=0, size=128):

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import webdataset as wds
 from click.testing import CliRunner
-from iosd.pipeline.shards_cli import main
-from iosd.pipeline.verify import verify_shards
 from PIL import Image
 
 from iosd.errors import UserError
 from iosd.featstore import encode_features
 from iosd.manifest import write_json_atomic
+from iosd.pipeline.shards_cli import main
+from iosd.pipeline.verify import verify_shards
 from iosd.schema import (
     KEPT,
     LOW_SCORE,

@@ -1,0 +1,205 @@
+"""Head checkpoints: safetensors weights and optimizer state plus one JSON, never a pickle.
+
+A run directory holds ``checkpoint.json`` (the latest checkpoint's description, its
+``weights`` field naming the step directory) and ``checkpoints/step-NNNNNNN/`` with
+``model.safetensors``, ``optimizer.safetensors`` and a copy of the JSON (``weights: "."``),
+so a step directory is usable on its own. A step directory is written under a temporary
+name and renamed; the run's ``checkpoint.json`` is replaced after it, so a run killed at any
+moment still has one complete checkpoint. Optimizer state is flattened into named tensors
+(``state.<param>.<name>``) with its scalars and param groups in the JSON metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from iosd import __version__
+from iosd.errors import UserError
+from iosd.manifest import write_json_atomic
+
+CHECKPOINT_NAME = "checkpoint.json"
+MODEL_NAME = "model.safetensors"
+OPTIMIZER_NAME = "optimizer.safetensors"
+STEPS_DIR = "checkpoints"
+FORMAT = "iosd-head"
+FORMAT_VERSION = 1
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+# -- optimizer state <-> tensors + JSON ------------------------------------------------------
+def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors of an optimizer state dict by name, and everything else as JSON."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for index, entry in state["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for index, entry in meta.get("scalars", {}).items():
+        state.setdefault(int(index), {}).update(entry)
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def rng_tensors() -> dict[str, torch.Tensor]:
+    """This process's torch RNG states (dropout), so a resumed run draws what it would have."""
+    out = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng.cuda.{i}"] = s
+    return out
+
+
+def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    if "rng.cpu" in tensors:
+        torch.set_rng_state(tensors["rng.cpu"].to(torch.uint8).cpu())
+    cuda = [tensors[k].cpu() for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+
+
+# -- writing ---------------------------------------------------------------------------------
+def save_checkpoint(run_dir: str | Path, head: torch.nn.Module, info: dict, *, optimizer=None, scaler=None, keep: int = 1) -> Path:
+    """Write step ``info["step"]`` atomically; returns its step directory."""
+    run_dir = Path(run_dir)
+    steps = run_dir / STEPS_DIR
+    steps.mkdir(parents=True, exist_ok=True)
+    name = step_dir_name(int(info["step"]))
+    tmp = steps / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    info = {"format": FORMAT, "format_version": FORMAT_VERSION, "iosd_version": __version__, **info}
+    try:
+        weights = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+        save_file(weights, tmp / MODEL_NAME, metadata={"format": FORMAT, "step": str(info["step"])})
+        if optimizer is not None:
+            tensors, meta = flatten_optimizer(optimizer.state_dict())
+            tensors.update(rng_tensors())
+            meta["scaler"] = scaler.state_dict() if scaler is not None and scaler.is_enabled() else None
+            save_file(tensors, tmp / OPTIMIZER_NAME, metadata={"format": FORMAT, "meta": json.dumps(meta)})
+        write_json_atomic(tmp / CHECKPOINT_NAME, {**info, "weights": "."})
+        _fsync_dir(tmp)
+        final = steps / name
+        if final.exists():  # the same step saved again (a resumed run's first save)
+            trash = steps / f".{name}.old-{os.getpid()}"
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_json_atomic(run_dir / CHECKPOINT_NAME, {**info, "weights": f"{STEPS_DIR}/{name}"})
+    _prune(steps, keep)
+    return steps / name
+
+
+def _fsync_dir(path: Path) -> None:
+    for child in path.iterdir():
+        with open(child, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _prune(steps: Path, keep: int) -> None:
+    done = sorted(p for p in steps.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    for old in done[: max(0, len(done) - max(keep, 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in steps.glob(".step-*"):  # temp dirs of runs killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+# -- reading ---------------------------------------------------------------------------------
+def read_checkpoint(path: str | Path) -> tuple[dict, Path]:
+    """(checkpoint JSON, its step directory) of a run directory, step directory or JSON file."""
+    path = Path(path)
+    where = path.parent if path.name == CHECKPOINT_NAME else path
+    if not where.exists():
+        raise UserError(f"checkpoint {path} does not exist", "pass a run directory written by iosd-train")
+    if not (where / CHECKPOINT_NAME).exists():
+        raise UserError(f"{where} holds no iosd-train checkpoint ({CHECKPOINT_NAME} is missing)", "pass a run directory written by iosd-train")
+    try:
+        info = json.loads((where / CHECKPOINT_NAME).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{where / CHECKPOINT_NAME} is not readable JSON ({err})", "restore it or retrain") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise UserError(f"{where / CHECKPOINT_NAME} is not an iosd head checkpoint", "pass a run directory written by iosd-train")
+    if int(info.get("format_version", 0)) > FORMAT_VERSION:
+        raise UserError(f"{where} has checkpoint format {info['format_version']}, newer than this iosd reads ({FORMAT_VERSION})", "upgrade iosd: pip install -U iosd")
+    weights = (where / info.get("weights", ".")).resolve()
+    if not (weights / MODEL_NAME).exists():
+        raise UserError(f"{weights / MODEL_NAME} is missing", "the run directory is incomplete: restore it or retrain")
+    return info, weights
+
+
+def _load_tensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path, device=device)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"{path} is not a readable safetensors file ({err})", "restore it or retrain") from None
+
+
+def load_weights(head: torch.nn.Module, weights_dir: Path, device: str = "cpu") -> None:
+    state = _load_tensors(weights_dir / MODEL_NAME, device)
+    missing, unexpected = head.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{weights_dir / MODEL_NAME} does not fit the head (missing {len(missing)}, unexpected {len(unexpected)} tensors)", "the checkpoint was written by another head version: retrain")
+
+
+def load_training_state(weights_dir: Path, optimizer, scaler=None, device: str = "cpu") -> None:
+    """Optimizer moments, AMP scaler and RNG states of a step directory."""
+    path = weights_dir / OPTIMIZER_NAME
+    if not path.exists():
+        raise UserError(f"{path} is missing: this checkpoint cannot be resumed", "start a new run (without --resume)")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = json.loads(f.metadata()["meta"])
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is not a readable optimizer state ({err})", "start a new run (without --resume)") from None
+    tensors = _load_tensors(path, "cpu")
+    optimizer.load_state_dict(unflatten_optimizer(tensors, meta))
+    if scaler is not None and scaler.is_enabled() and meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
+    restore_rng(tensors)
+
+
+def load_head(run_or_checkpoint_dir: str | Path, device: str = "cpu"):
+    """The trained head (eval mode, on ``device``) and its checkpoint JSON."""
+    from iosd.train.heads import build_head
+
+    info, weights = read_checkpoint(run_or_checkpoint_dir)
+    head = build_head(**info["head"])
+    load_weights(head, weights, "cpu")
+    return head.to(device).eval(), info
+
+
+def latest_run(root: str | Path = "runs") -> Path | None:
+    """The run directory under ``root`` whose checkpoint was written last."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    runs = [p.parent for p in root.glob(f"*/{CHECKPOINT_NAME}")]
+    return max(runs, key=lambda p: (p / CHECKPOINT_NAME).stat().st_mtime) if runs else None

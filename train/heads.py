@@ -1,0 +1,330 @@
+"""Grounding heads: cached UNet features + a class embedding -> mask logits.
+
+Two architectures share one interface (``build_head(kind, layout, **options)``):
+
+- ``gd``   Grounded Diffusion (ICCV'23): the resolution groups are reduced by 1x1 convs and
+  mixed from low to high into one per-pixel map; 3 DETR decoder layers let the class
+  queries attend to that map's patches.
+- ``iosd`` IOSD: every resolution group gets its own conv block and joins the previous
+  level, giving one map per level (low ... high, final); the fusion decoder has one layer
+  per level and visits the levels in that order, refining the query from coarse to fine.
+
+Unlike the published GD code, attention is batched per image (queries never see another
+image), padded queries are masked out of self-attention, and only per-sample norms
+(GroupNorm/LayerNorm) are used, so a sample's output never depends on its batch mates.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from iosd.errors import UserError
+from iosd.layers import group_by_resolution
+
+KINDS = ("iosd", "gd")
+# Paper defaults (GD code: d=512, 8 heads, 3 layers, FFN 2048, no dropout, 240 channels,
+# keys/values from 4x4 patches of the 64x64 map: 256 tokens at 512 px).
+DEFAULTS = {
+    "d_model": 512,
+    "heads": 8,
+    "ffn": 2048,
+    "dropout": 0.0,
+    "patch": 4,
+}
+GD_LAYERS = 3
+OPTION_NAMES = ("layers", "visual_channels", "mask_size", *DEFAULTS)
+
+
+def build_head(kind: str, layout: dict, **options) -> GroundingHead:
+    """The head named ``kind`` for features shaped as in ``layout`` (see feature_layout)."""
+    if kind not in KINDS:
+        raise UserError(f"unknown head kind {kind!r}", f"use one of {', '.join(KINDS)}")
+    unknown = sorted(set(options) - set(OPTION_NAMES))
+    if unknown:
+        raise UserError(f"unknown head option(s) {', '.join(unknown)}", f"use {', '.join(OPTION_NAMES)}")
+    config = _resolve_config(kind, _check_layout(layout), options)
+    return (IOSDHead if kind == "iosd" else GDHead)(config)
+
+
+def _check_layout(layout: dict) -> dict:
+    """A clean copy of the layout, or a UserError saying what is wrong with it."""
+    fix = 'pass {"layers": [[path, [C, H, W]], ...], "embedding_dim": D} (iosd.manifest.feature_layout)'
+    try:
+        layers = [[str(path), [int(v) for v in shape]] for path, shape in layout["layers"]]
+        dim = int(layout["embedding_dim"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"malformed feature layout ({err})", fix) from None
+    if not layers or dim < 1:
+        raise UserError("feature layout has no layers or no embedding width", fix)
+    if len({path for path, _ in layers}) != len(layers):
+        raise UserError("feature layout names a layer twice", fix)
+    for path, shape in layers:
+        if len(shape) != 3 or min(shape) < 1:
+            raise UserError(f"layer {path} has shape {shape}, not [C, H, W]", fix)
+        if shape[1] != shape[2]:
+            raise UserError(f"layer {path} is {shape[1]}x{shape[2]}: heads need square feature maps", "generate square images")
+    return {"layers": layers, "embedding_dim": dim}
+
+
+def _resolve_config(kind: str, layout: dict, options: dict) -> dict:
+    """Every architectural choice spelled out, so build_head(**config) rebuilds the same net."""
+    config = {"kind": kind, "layout": layout, **DEFAULTS}
+    config.update({k: v for k, v in options.items() if k in DEFAULTS and v is not None})
+    groups = _groups(layout)
+    sides = [side for side, _ in groups]
+    levels = len(groups) + 1 if kind == "iosd" else None
+    layers = options.get("layers")
+    if kind == "iosd" and layers is not None and int(layers) != levels:
+        raise UserError(f"iosd uses one fusion layer per pyramid level ({levels} here), not {layers}", "leave layers unset for iosd")
+    config["layers"] = int(layers if layers is not None else (levels or GD_LAYERS))
+    channels = options.get("visual_channels")
+    if channels is None:
+        channels = [_default_width(side) for side in sides]
+    channels = [int(c) for c in channels]
+    if len(channels) != len(groups) or min(channels) < 1:
+        raise UserError(f"visual_channels needs {len(groups)} positive widths (one per resolution group {sides})", "or leave it unset")
+    config["visual_channels"] = channels
+    mask_size = options.get("mask_size")
+    config["mask_size"] = int(mask_size) if mask_size is not None else max(sides)
+    for name in ("d_model", "heads", "ffn", "layers", "mask_size", "patch"):
+        config[name] = int(config[name])
+        if config[name] < 1:
+            raise UserError(f"head option {name} must be a positive integer, not {config[name]}")
+    if config["d_model"] % config["heads"]:
+        raise UserError(f"d_model {config['d_model']} is not divisible by heads {config['heads']}", "pick heads dividing d_model")
+    config["dropout"] = float(config["dropout"])
+    if not 0.0 <= config["dropout"] < 1.0:
+        raise UserError(f"dropout {config['dropout']} is outside [0, 1)")
+    return config
+
+
+def _groups(layout: dict) -> list[tuple[int, list[str]]]:
+    """(side, layer paths) per resolution group, lowest resolution first."""
+    shapes = {path: shape for path, shape in layout["layers"]}
+    return [(shapes[paths[0]][-1], paths) for paths in group_by_resolution(shapes)]
+
+
+def _default_width(side: int) -> int:
+    """GD's 1x1 reduction widths as a rule: twice the side, 8/16/32/64 -> 16/32/64/128 (240 in all)."""
+    return min(max(2 * side, 16), 128)
+
+
+def _patch_size(side: int, patch: int) -> int:
+    """GD's patch (4: 64x64 -> 256 tokens), smaller where a map would get under a 4x4 token grid."""
+    return next(p for p in range(min(patch, max(side // 4, 1)), 0, -1) if side % p == 0)
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    """Per-sample normalisation (BatchNorm would couple the images of a batch)."""
+    return nn.GroupNorm(math.gcd(channels, 8), channels)
+
+
+class MixBlock(nn.Module):
+    """Pre-activation residual block of two 3x3 convs (GD's mix-conv, GroupNorm for BN)."""
+
+    def __init__(self, channels_in: int, channels_out: int) -> None:
+        super().__init__()
+        self.norm1 = _group_norm(channels_in)
+        self.conv1 = nn.Conv2d(channels_in, channels_out, 3, padding=1)
+        self.norm2 = _group_norm(channels_out)
+        self.conv2 = nn.Conv2d(channels_out, channels_out, 3, padding=1)
+        self.shortcut = nn.Conv2d(channels_in, channels_out, 1) if channels_in != channels_out else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.relu(self.norm1(x)))
+        h = self.conv2(F.relu(self.norm2(h)))
+        return self.shortcut(x) + h
+
+
+class MLP(nn.Module):
+    """Linear layers with ReLU between them (DETR's mask-embedding MLP)."""
+
+    def __init__(self, dim_in: int, hidden: int, dim_out: int, layers: int) -> None:
+        super().__init__()
+        dims = [dim_in] + [hidden] * (layers - 1) + [dim_out]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+def sine_positions(side: int, dim: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """DETR 2-D sine encoding of a side x side token grid, (side*side, dim); no weights, any size."""
+    quarter = dim // 4
+    freqs = 10000.0 ** (-torch.arange(quarter, device=device, dtype=torch.float32) / max(quarter, 1))
+    coords = (torch.arange(side, device=device, dtype=torch.float32) + 0.5) / side * 2 * math.pi
+    angles = coords[:, None] * freqs[None]  # (side, quarter)
+    axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # (side, 2*quarter)
+    grid = torch.cat([axis[:, None].expand(side, side, -1), axis[None].expand(side, side, -1)], dim=2)
+    grid = F.pad(grid.reshape(side * side, 4 * quarter), (0, dim - 4 * quarter))
+    return grid.to(dtype)
+
+
+class PatchTokens(nn.Module):
+    """A (B, C, H, W) map cut into patches and projected to tokens: the decoder's keys/values."""
+
+    def __init__(self, channels: int, side: int, d_model: int, patch: int) -> None:
+        super().__init__()
+        self.patch = _patch_size(side, patch)
+        self.grid = side // self.patch
+        self.proj = nn.Linear(channels * self.patch**2, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(tokens, positions), both (B, N, d_model) / (N, d_model)."""
+        patches = F.unfold(x, self.patch, stride=self.patch).transpose(1, 2)
+        tokens = self.proj(patches)
+        return tokens, sine_positions(self.grid, tokens.shape[-1], x.device, tokens.dtype)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm DETR decoder layer: query self-attention, cross-attention to tokens, FFN."""
+
+    def __init__(self, d_model: int, heads: int, ffn: int, dropout: float) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, heads, dropout=dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(d_model, heads, dropout=dropout, batch_first=True)
+        self.ffn = nn.Sequential(nn.Linear(d_model, ffn), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn, d_model))
+        self.norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(3))
+        self.drops = nn.ModuleList(nn.Dropout(dropout) for _ in range(3))
+
+    def forward(self, query: Tensor, tokens: Tensor, positions: Tensor, padding: Tensor) -> Tensor:
+        """query (B, Q, d); tokens (B, N, d); positions (N, d); padding (B, Q) True = ignore."""
+        h = self.norms[0](query)
+        query = query + self.drops[0](self.self_attn(h, h, h, key_padding_mask=padding, need_weights=False)[0])
+        h = self.norms[1](query)
+        attended = self.cross_attn(h, tokens + positions, tokens, need_weights=False)[0]
+        query = query + self.drops[1](attended)
+        return query + self.drops[2](self.ffn(self.norms[2](query)))
+
+
+class GroupReducer(nn.Module):
+    """One resolution group: its layers concatenated along channels, then a bias-free 1x1 conv."""
+
+    def __init__(self, paths: list[str], channels_in: int, channels_out: int) -> None:
+        super().__init__()
+        self.paths = list(paths)
+        self.conv = nn.Conv2d(channels_in, channels_out, 1, bias=False)
+
+    def forward(self, features: dict[str, Tensor]) -> Tensor:
+        return self.conv(torch.cat([features[p] for p in self.paths], dim=1))
+
+
+class GroundingHead(nn.Module):
+    """Common part: input checks, query projection, decoder stack, mask readout."""
+
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        self.config = copy.deepcopy(config)
+        c = self.config
+        self.shapes = {path: tuple(shape) for path, shape in c["layout"]["layers"]}
+        self.groups = _groups(c["layout"])
+        self.reducers = nn.ModuleList(
+            GroupReducer(paths, sum(self.shapes[p][0] for p in paths), width)
+            for (_, paths), width in zip(self.groups, c["visual_channels"], strict=True)
+        )
+        self.to_query = nn.Linear(c["layout"]["embedding_dim"], c["d_model"], bias=False)
+        self.decoder = nn.ModuleList(DecoderLayer(c["d_model"], c["heads"], c["ffn"], c["dropout"]) for _ in range(c["layers"]))
+        self.out_norm = nn.LayerNorm(c["d_model"])
+        self.mask_mlp = MLP(c["d_model"], c["d_model"], sum(c["visual_channels"]), 3)
+
+    def forward(self, features: dict[str, Tensor], queries: Tensor, query_mask: Tensor | None = None) -> Tensor:
+        """Mask logits (B, Q, S, S) for class embeddings ``queries`` (B, Q, D) on ``features``."""
+        self._check_inputs(features, queries, query_mask)
+        if query_mask is None:
+            query_mask = torch.ones(queries.shape[:2], dtype=torch.bool, device=queries.device)
+        query_mask = query_mask.to(device=queries.device, dtype=torch.bool)
+        # An image with no real query would mask every key (NaN softmax); its rows are padding anyway.
+        padding = ~query_mask & query_mask.any(dim=1, keepdim=True)
+        levels, pixels = self.encode(features)
+        query = self.to_query(queries)
+        for layer, (tokens, positions) in zip(self.decoder, self.level_schedule(levels), strict=True):
+            query = layer(query, tokens, positions, padding)
+        mask_embedding = self.mask_mlp(self.out_norm(query))
+        logits = torch.einsum("bqc,bchw->bqhw", mask_embedding, pixels)
+        return logits.masked_fill(~query_mask[:, :, None, None], 0.0)
+
+    def encode(self, features: dict[str, Tensor]) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+        """Token sets (tokens, positions) for the decoder, and per-pixel features at mask_size."""
+        raise NotImplementedError
+
+    def level_schedule(self, levels: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+        """Which token set each decoder layer attends to."""
+        raise NotImplementedError
+
+    def _to_mask_size(self, x: Tensor) -> Tensor:
+        size = self.config["mask_size"]
+        return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+    def _check_inputs(self, features: dict[str, Tensor], queries: Tensor, query_mask: Tensor | None) -> None:
+        dim = self.config["layout"]["embedding_dim"]
+        if queries.dim() != 3 or queries.shape[-1] != dim:
+            raise UserError(f"queries have shape {tuple(queries.shape)}, expected (B, Q, {dim})", "use class embeddings of the head's dataset")
+        batch = queries.shape[0]
+        for path, shape in self.shapes.items():
+            if path not in features:
+                raise UserError(f"feature layer {path} is missing", "use features with the head's layout")
+            got = tuple(features[path].shape)
+            if got != (batch, *shape):
+                raise UserError(f"feature layer {path} has shape {got}, expected {(batch, *shape)}", "use features with the head's layout")
+        if query_mask is not None and tuple(query_mask.shape) != tuple(queries.shape[:2]):
+            raise UserError(f"query_mask has shape {tuple(query_mask.shape)}, expected {tuple(queries.shape[:2])}")
+
+
+class GDHead(GroundingHead):
+    """Grounded Diffusion: one mixed per-pixel map; every decoder layer attends to its patches."""
+
+    def __init__(self, config: dict) -> None:
+        super().__init__(config)
+        widths = self.config["visual_channels"]
+        cumulative = [sum(widths[: i + 1]) for i in range(len(widths))]
+        self.mixers = nn.ModuleList(MixBlock(c, c) for c in cumulative)
+        self.tokens = PatchTokens(cumulative[-1], self.groups[-1][0], self.config["d_model"], self.config["patch"])
+
+    def encode(self, features):
+        x = None
+        for (side, _), reducer, mixer in zip(self.groups, self.reducers, self.mixers, strict=True):
+            reduced = reducer(features)
+            if x is not None:
+                x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+                reduced = torch.cat([x, reduced], dim=1)
+            x = mixer(reduced)
+        return [self.tokens(x)], self._to_mask_size(x)
+
+    def level_schedule(self, levels):
+        return levels * len(self.decoder)
+
+
+class IOSDHead(GroundingHead):
+    """IOSD pyramid: one map per resolution level plus a final one; one decoder layer each."""
+
+    def __init__(self, config: dict) -> None:
+        super().__init__(config)
+        widths = self.config["visual_channels"]
+        cumulative = [sum(widths[: i + 1]) for i in range(len(widths))]
+        d_model, patch = self.config["d_model"], self.config["patch"]
+        self.own_blocks = nn.ModuleList(MixBlock(w, w) for w in widths)
+        self.final_block = MixBlock(cumulative[-1], cumulative[-1])
+        sides = [side for side, _ in self.groups]
+        self.tokens = nn.ModuleList(PatchTokens(c, s, d_model, patch) for c, s in zip([*cumulative, cumulative[-1]], [*sides, sides[-1]], strict=True))
+
+    def encode(self, features):
+        maps, x = [], None
+        for (side, _), reducer, block in zip(self.groups, self.reducers, self.own_blocks, strict=True):
+            own = block(reducer(features))
+            if x is not None:
+                own = torch.cat([F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False), own], dim=1)
+            x = own
+            maps.append(x)
+        final = self.final_block(x)
+        maps.append(final)
+        return [tokens(m) for tokens, m in zip(self.tokens, maps, strict=True)], self._to_mask_size(final)
+
+    def level_schedule(self, levels):
+        return levels

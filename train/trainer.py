@@ -1,0 +1,478 @@
+"""The training loop: shards -> grounding head, with DDP, AMP, checkpoints, resume and validation.
+
+One process per GPU (or CPU) under torchrun, each reading its own share of the shards
+(``iosd.train.data``); ranks run the same number of steps. The loss is BCE on the mask
+logits (plus an optional dice term) over the classes the teacher kept; a class it filtered
+out is not queried at all, so it contributes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from iosd import __version__
+from iosd.errors import UserError
+from iosd.manifest import layout_mismatch
+from iosd.train import checkpoint as ckpt
+from iosd.train.data import (
+    ON_CORRUPT,
+    DecodeSpec,
+    TrainLoader,
+    TrainStream,
+    ValStream,
+    start_positions,
+    val_batches,
+)
+from iosd.train.distributed import DistEnv, setup
+from iosd.train.runlog import CURVE_NAME, METRICS_NAME, MetricsLog, Progress, plot_curve
+from iosd.train.shards import ShardSet, resolve_shards
+from iosd.train.validate import ValTally, run_validation
+
+SCHEDULES = ("constant", "cosine", "step")
+SUBSETS = ("seen", "all")
+# What a run directory may hold; anything else makes it foreign.
+RUN_FILES = {ckpt.CHECKPOINT_NAME, ckpt.STEPS_DIR, METRICS_NAME, CURVE_NAME, "tensorboard"}
+# Fixed by the checkpoint: a resumed run may not change them.
+ARCHITECTURE = ("head", "head_options")
+
+# Defaults measured on the CPU shapes world (see README / bench/train.py): they reach a
+# held-out seen mIoU >= 0.8 in a few CPU minutes; on SDXL shards raise --steps.
+DEFAULT_STEPS = 600
+DEFAULT_BATCH = 8
+
+
+@dataclass
+class TrainConfig:
+    shards: str
+    head: str = "iosd"
+    steps: int = DEFAULT_STEPS
+    batch_size: int = DEFAULT_BATCH
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    warmup: int = 0
+    schedule: str = "constant"
+    decay_every: int = 6000
+    decay_factor: float = 0.5
+    dice: float = 0.0
+    min_score: float = 0.0
+    subset: str = "seen"
+    val: str | None = None
+    val_every: int = 200
+    save_every: int = 200
+    log_every: int = 10
+    out: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    init: str | None = None
+    head_options: dict = field(default_factory=dict)
+    workers: int | None = None
+    device: str = "auto"
+    amp: bool | None = None
+    compile: bool = False
+    on_corrupt: str = "warn"
+    seed: int = 0
+    keep: int = 1
+    tensorboard: bool = True
+    quiet: bool = False
+
+    def check(self) -> TrainConfig:
+        for name in ("steps", "batch_size", "val_every", "save_every", "log_every", "decay_every", "keep"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})", "pass a number > 0")
+        for name in ("warmup",):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} must be >= 0 (got {getattr(self, name)})")
+        if self.workers is not None and self.workers < 0:
+            raise UserError(f"--workers must be >= 0 (got {self.workers})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError(f"--lr must be a positive number (got {self.lr})")
+        if self.weight_decay < 0 or self.dice < 0:
+            raise UserError("--weight-decay and --dice must be >= 0")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"unknown --schedule {self.schedule!r}", f"use one of {', '.join(SCHEDULES)}")
+        if self.subset not in SUBSETS:
+            raise UserError(f"unknown --subset {self.subset!r}", f"use one of {', '.join(SUBSETS)}")
+        if self.on_corrupt not in ON_CORRUPT:
+            raise UserError(f"unknown --on-corrupt {self.on_corrupt!r}", f"use one of {', '.join(ON_CORRUPT)}")
+        return self
+
+    def saved(self) -> dict:
+        """The options recorded in checkpoints (where the run lives is not one of them)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("resume", "overwrite", "quiet", "out")}
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of --lr for the step about to run (0-based): linear warm-up, then the schedule."""
+    warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0
+    if cfg.schedule == "cosine":
+        return warm * 0.5 * (1.0 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps))
+    if cfg.schedule == "step":
+        return warm * cfg.decay_factor ** (step // cfg.decay_every)
+    return warm
+
+
+def default_out(shard_set: ShardSet, head: str) -> str:
+    return os.path.join("runs", f"{shard_set.name}-{head}")
+
+
+def default_workers(env: DistEnv) -> int:
+    """Decoding workers per rank: the CPUs this rank may use, one kept for the training loop."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, min(4, cpus // max(env.local_world, 1) - 1))
+
+
+def _mask_loss():
+    from iosd.train.losses import mask_loss
+
+    return mask_loss
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, explicit: frozenset[str] = frozenset()) -> None:
+        self.cfg = cfg.check()
+        self.explicit = explicit
+        self.env = setup(cfg.device)
+        self.notes: list[str] = []
+        self.progress: Progress | None = None
+        self.stop_requested = False
+
+    # -- messages --------------------------------------------------------------------------
+    def note(self, message: str) -> None:
+        text = f"warning: {message}" if self.env.world == 1 else f"warning [rank {self.env.rank}]: {message}"
+        self.notes.append(message)
+        if self.progress is not None:
+            self.progress.print(text)
+        elif not self.cfg.quiet or "corrupt" in message:
+            import sys
+
+            print(text, file=sys.stderr)
+
+    # -- setup -----------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        cfg = self.cfg
+        self.shards = resolve_shards(cfg.shards)
+        self.run_dir = Path(cfg.out or default_out(self.shards, cfg.head))
+        self.resumed: dict | None = None
+        if cfg.resume:
+            self.resumed, self.resume_weights = self._check_resume()
+            cfg = self.cfg = self._merge_resumed(self.resumed)
+        else:
+            self._check_fresh_dir()
+        for message in self.shards.notes:
+            self.note(message)
+        self.val_shards = None
+        if cfg.val:
+            self.val_shards = resolve_shards(cfg.val)
+            diff = layout_mismatch(self.shards.layout, self.val_shards.layout)
+            if diff:
+                raise UserError(f"--val {cfg.val} does not match the training shards' feature layout: {diff}", "validate on shards generated with the same model and --layers")
+        if self.env.main:
+            if not cfg.resume and cfg.overwrite:
+                self._clear_run_dir()
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise UserError(f"cannot create --out {self.run_dir} ({err.strerror})", "choose a writable directory") from None
+        self.env.barrier()
+
+    def _check_fresh_dir(self) -> None:
+        d = self.run_dir
+        if d.exists() and not d.is_dir():
+            raise UserError(f"--out {d} is a file", "choose a directory")
+        if not d.exists() or self.cfg.overwrite:
+            if d.exists() and self.cfg.overwrite and set(p.name for p in d.iterdir()) - RUN_FILES:
+                raise UserError(f"--out {d} holds files that are not an iosd-train run", "choose a new or empty directory; --overwrite only replaces a run")
+            return
+        names = {p.name for p in d.iterdir()}
+        if ckpt.CHECKPOINT_NAME in names:
+            raise UserError(f"{d} already holds a training run", "pass --resume to continue it, --overwrite to start over, or another --out")
+        if names - RUN_FILES:
+            raise UserError(f"--out {d} holds files that are not an iosd-train run", "choose a new or empty directory")
+
+    def _clear_run_dir(self) -> None:
+        for name in RUN_FILES:
+            path = self.run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+    def _check_resume(self) -> tuple[dict, Path]:
+        d = self.run_dir
+        if not (d / ckpt.CHECKPOINT_NAME).exists():
+            raise UserError(f"--resume: {d} holds no iosd-train checkpoint", "start without --resume, or point --out at the run to continue")
+        info, weights = ckpt.read_checkpoint(d)
+        if "train" not in info or "head" not in info:
+            raise UserError(f"--resume: {d} was not written by iosd-train", "point --out at a training run directory")
+        if info["shards"]["identity"] != self.shards.identity:
+            raise UserError(f"--resume: {d} was trained on another shard set ({info['shards']['spec']}, not {self.cfg.shards})", "pass the run's own shards, or start a new run with another --out")
+        diff = layout_mismatch(info["layout"], self.shards.layout)
+        if diff:
+            raise UserError(f"--resume: the checkpoint's feature layout differs from the shards': {diff}", "train a new head for these shards")
+        return info, weights
+
+    def _merge_resumed(self, info: dict) -> TrainConfig:
+        """The run's saved options, overridden by those given again on the command line."""
+        saved = dict(info["train"]["args"])
+        given = asdict(self.cfg)
+        for name in ARCHITECTURE:
+            if name in self.explicit and given[name] != saved.get(name):
+                raise UserError(f"--resume: the run trains a {saved.get('head')} head with options {saved.get('head_options')}; --{name.replace('_', '-')} cannot change", "drop the option, or start a new run with another --out")
+        known = {f.name for f in fields(TrainConfig)}
+        merged = {k: v for k, v in saved.items() if k in known}
+        merged.update({k: given[k] for k in self.explicit if k in known})
+        merged.update(resume=True, overwrite=False, shards=self.cfg.shards, out=str(self.run_dir), quiet=self.cfg.quiet)
+        changed = sorted(k for k in self.explicit if k in saved and saved[k] != given[k] and k not in ("shards",))
+        if changed:
+            self.note(f"resuming with changed option(s): {', '.join(changed)}")
+        return TrainConfig(**merged).check()
+
+    def _build(self) -> None:
+        from iosd.train.heads import build_head
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        if self.resumed:
+            self.head = build_head(**self.resumed["head"])
+            ckpt.load_weights(self.head, self.resume_weights)
+        else:
+            self.head = build_head(cfg.head, self.shards.layout, **cfg.head_options)
+            if cfg.init:
+                info, weights = ckpt.read_checkpoint(cfg.init)
+                diff = layout_mismatch(info["layout"], self.shards.layout)
+                if diff:
+                    raise UserError(f"--init {cfg.init} was trained on another feature layout: {diff}", "start from a head trained on shards like these")
+                if info["head"] != self.head.config:
+                    raise UserError(f"--init {cfg.init} is a {info['head'].get('kind')} head with other options", "pass the same --head and --head-option values")
+                ckpt.load_weights(self.head, weights)
+        self.head.to(self.env.device).train()
+        self.mask_size = int(self.head.config["mask_size"])
+        self.optimizer = torch.optim.Adam(self.head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        cuda = self.env.device.type == "cuda"
+        self.amp = cfg.amp if cfg.amp is not None else cuda
+        if self.amp and not cuda:
+            raise UserError("--amp needs a CUDA device", "drop --amp on CPU")
+        self.amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
+        self.step = 0
+        if self.resumed:
+            ckpt.load_training_state(self.resume_weights, self.optimizer, self.scaler)
+            self.step = int(self.resumed["step"])
+        model: torch.nn.Module = self.head
+        if self.env.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(model, device_ids=[self.env.device.index] if cuda else None)
+        if cfg.compile:
+            model = torch.compile(model)
+        self.model = model
+        self.loss_fn = _mask_loss()
+
+    def autocast(self):
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+
+    def _loader(self) -> TrainLoader:
+        cfg = self.cfg
+        workers = cfg.workers if cfg.workers is not None else default_workers(self.env)
+        self.workers = workers
+        spec = DecodeSpec.from_layout(self.shards.layout, min_score=cfg.min_score, subsets=("seen",) if cfg.subset == "seen" else None, mask_size=self.mask_size)
+        saved = self.resumed["train"]["data_position"] if self.resumed else None
+        starts, why = start_positions(saved, identity=self.shards.identity, rank=self.env.rank, world=self.env.world, workers=workers)
+        if why and self.env.main:
+            self.note(why)
+        stream = TrainStream(self.shards, spec, cfg.batch_size, seed=cfg.seed, on_corrupt=cfg.on_corrupt, rank=self.env.rank, world=self.env.world, start=starts)
+        return TrainLoader(stream, workers, pin_memory=self.env.device.type == "cuda")
+
+    # -- one step --------------------------------------------------------------------------
+    def _to_device(self, batch: dict) -> dict:
+        dev = self.env.device
+        return {
+            "features": {k: v.to(dev, non_blocking=True) for k, v in batch["features"].items()},
+            "queries": batch["queries"].to(dev, non_blocking=True),
+            "query_mask": batch["query_mask"].to(dev, non_blocking=True),
+            "targets": batch["targets"].to(dev, non_blocking=True),
+        }
+
+    def train_step(self, batch: dict) -> torch.Tensor:
+        """One optimizer step on a device batch; returns the (detached) loss."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr * lr_factor(self.step, self.cfg)
+        with self.autocast():
+            logits = self.model(batch["features"], batch["queries"], batch["query_mask"])
+        loss = self.loss_fn(logits.float(), batch["targets"], batch["query_mask"], dice_weight=self.cfg.dice)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach()
+
+    # -- validation and checkpoints --------------------------------------------------------
+    def validate(self) -> dict:
+        cfg = self.cfg
+        spec = DecodeSpec.from_layout(self.shards.layout, min_score=cfg.min_score, subsets=None, full_masks=True)
+        stream = ValStream(self.val_shards, spec, cfg.batch_size, cfg.on_corrupt, self.env.rank, self.env.world)
+        acc = run_validation(self.model, val_batches(stream, self.workers, self.note), self.env.device, self.autocast)
+        total = ValTally()
+        for part in self.env.gather(acc):
+            total.merge(part)
+        if total.empty:
+            raise UserError(f"--val {cfg.val} holds no sample with a kept mask", "pass held-out shards written by iosd-gen (or lower --min-score)")
+        return total.summary()
+
+    def checkpoint_info(self, loader: TrainLoader, last: dict) -> dict:
+        cfg = self.cfg
+        slots = [tuple(p) for rank_positions in self.env.gather(loader.positions) for p in rank_positions]
+        manifest = self.shards.manifest or {}
+        samples = self.step * cfg.batch_size * self.env.world
+        return {
+            "step": self.step,
+            "head": self.head.config,
+            "layout": self.shards.layout,
+            "embedding": manifest.get("embedding"),
+            "classes": manifest.get("classes"),
+            "subset": manifest.get("subset"),
+            "image_size": manifest.get("image_size"),
+            "features": {k: v for k, v in manifest.get("features", {}).items() if k != "layers"} or None,
+            "generation": manifest.get("config"),
+            "model": manifest.get("model"),
+            "shards": self.shards.describe(),
+            "val_shards": self.val_shards.describe() if self.val_shards else None,
+            "train": {
+                "args": cfg.saved(),
+                "world": self.env.world,
+                "workers": self.workers,
+                "samples": samples,
+                "epochs": round(samples / self.shards.samples, 3) if self.shards.samples else None,
+                "data_position": {"identity": self.shards.identity, "slots_count": len(slots), "slots": slots, "seed": cfg.seed},
+                "metrics": last,
+            },
+            "iosd_version": __version__,
+            "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+
+    def save(self, loader: TrainLoader, last: dict) -> None:
+        info = self.checkpoint_info(loader, last)  # collective: every rank takes part
+        if self.env.main:
+            ckpt.save_checkpoint(self.run_dir, self.head, info, optimizer=self.optimizer, scaler=self.scaler, keep=self.cfg.keep)
+        self.env.barrier()
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self) -> dict:
+        self._prepare()
+        self._build()
+        cfg, env = self.cfg, self.env
+        log = MetricsLog(self.run_dir, enabled=env.main, tensorboard=cfg.tensorboard)
+        if self.resumed and env.main:
+            log.truncate_after(self.step)
+        loader = self._loader()
+        self.progress = Progress(env.main and not cfg.quiet, cfg.steps, self.step, str(self.run_dir))
+        previous_handler = self._catch_interrupt()
+        started = time.perf_counter()
+        first_step = self.step
+        last: dict = {}
+        loss_sum = torch.zeros((), device=env.device, dtype=torch.float64)
+        count = samples = 0
+        tick = time.perf_counter()
+        try:
+            while self.step < cfg.steps:
+                batch = self._to_device(loader.next(self.note))
+                loss = self.train_step(batch)
+                self.step += 1
+                loss_sum += loss.double()
+                count += 1
+                samples += batch["queries"].shape[0]
+                step = self.step
+                save_now = step % cfg.save_every == 0 or step == cfg.steps
+                val_now = self.val_shards is not None and (step % cfg.val_every == 0 or step == cfg.steps)
+                stop = self._stop_agreed()
+                if step % cfg.log_every == 0 or save_now or val_now or stop:
+                    total_loss, total_count, total_samples = env.sum([loss_sum.item(), count, samples])
+                    mean = total_loss / max(total_count, 1)
+                    if not math.isfinite(mean):
+                        raise UserError(f"the loss became {mean} at step {step}", "lower --lr, check the shards for extreme feature values, or --resume from the last checkpoint with a smaller --lr")
+                    elapsed = time.perf_counter() - tick
+                    last = {"step": step, "loss": mean, "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": total_samples / elapsed if elapsed > 0 else None, "elapsed_s": round(time.perf_counter() - started, 3)}
+                    log.write(last)
+                    self.progress.advance(step, loss=f"{mean:.4f}", speed=f"{last['samples_per_s']:.1f}")
+                    loss_sum.zero_()
+                    count = samples = 0
+                    tick = time.perf_counter()
+                else:
+                    self.progress.advance(step)
+                if val_now:
+                    metrics = self.validate()
+                    last = {**last, **metrics}
+                    log.write({"step": step, **metrics})
+                    self.progress.advance(step, val=f"val mIoU {metrics['val_miou']:.3f}")
+                    if env.main:
+                        plot_curve(self.run_dir)
+                if save_now or stop:
+                    self.save(loader, last)
+                    tick = time.perf_counter()
+                if stop:
+                    break
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
+            self.progress.close()
+            loader.close()
+            log.close()
+        if env.main:
+            plot_curve(self.run_dir)
+        seconds = time.perf_counter() - started
+        summary = {
+            "run": str(self.run_dir),
+            "step": self.step,
+            "interrupted": self.step < cfg.steps,
+            "loss": last.get("loss"),
+            "val_miou": last.get("val_miou"),
+            "val_seen_miou": last.get("val_seen_miou"),
+            "val_unseen_miou": last.get("val_unseen_miou"),
+            "seconds": round(seconds, 2),
+            "samples_per_s": round((self.step - first_step) * cfg.batch_size * env.world / seconds, 2) if seconds > 0 else None,
+            "warnings": len(self.notes),
+        }
+        if env.active:
+            summary["steps_per_rank"] = env.gather(self.step)
+        env.barrier()
+        env.close()
+        return summary
+
+    def _catch_interrupt(self):
+        """Single process: Ctrl-C finishes the step, saves a checkpoint and stops."""
+        if self.env.active or not _main_thread():
+            return None
+
+        def handler(signum, frame):
+            if self.stop_requested:  # a second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            if self.progress is not None:
+                self.progress.print("interrupted: saving a checkpoint after this step (Ctrl-C again to abort)")
+
+        return signal.signal(signal.SIGINT, handler)
+
+    def _stop_agreed(self) -> bool:
+        return self.stop_requested
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def train(cfg: TrainConfig, explicit: frozenset[str] = frozenset()) -> dict:
+    """Train a head as configured; returns a summary (run directory, final loss, val mIoU)."""
+    return Trainer(cfg, explicit).run()
