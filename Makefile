@@ -2,27 +2,32 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+CORE   := $(VENV)/.iosd-core
 STAMP  := $(VENV)/.iosd-installed
 
 .PHONY: install mmcv demo test lint bench clean
 
 install: $(STAMP)
 
-# torch first and pinned (CPU machines here carry a local 2.13.0 wheel), then iosd itself,
-# the real CLIP BPE vocabulary (open_clip_torch, without its torchvision dependency), and
-# mmcv/mmdet for the Mask R-CNN teacher.
-$(STAMP): pyproject.toml scripts/install-mmcv.sh
+# torch first and pinned (CPU machines here carry a local 2.13.0 wheel), then iosd itself and
+# the real CLIP BPE vocabulary (open_clip_torch, without its torchvision dependency). This is
+# all the demo needs: the shapes world has exact masks, no teacher.
+$(CORE): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps open_clip_torch==3.3.0
+	touch $@
+
+# mmcv (built with ops from source, cached) and mmdet for the Mask R-CNN teacher: the tests need it.
+$(STAMP): $(CORE) scripts/install-mmcv.sh
 	scripts/install-mmcv.sh $(BIN)/python
 	touch $@
 
 mmcv:
 	scripts/install-mmcv.sh $(BIN)/python
 
-demo: install
+demo: $(CORE)
 	PATH=$(abspath $(BIN)):$$PATH scripts/demo.sh
 
 test: install

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -24,7 +23,7 @@ import numpy as np
 
 from iosd import __version__
 from iosd.errors import UserError
-from iosd.manifest import write_json_atomic
+from iosd.manifest import write_json_atomic, write_text_atomic
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -181,19 +180,6 @@ def _writable_dir(out_dir: str | Path) -> Path:
     return out
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def safe_name(name: str) -> str:
     """A file name for a class name ("potted plant" -> "potted_plant")."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "class"
@@ -264,7 +250,7 @@ def write_report(
     try:
         write_json_atomic(out / REPORT_JSON, report)
         written["json"] = out / REPORT_JSON
-        _write_text_atomic(out / REPORT_MD, render_markdown(report))
+        write_text_atomic(out / REPORT_MD, render_markdown(report))
         written["md"] = out / REPORT_MD
     except OSError as err:
         raise UserError(f"cannot write the report in {out} ({err.strerror})", "choose a writable --out directory") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -12,19 +13,34 @@ from iosd.errors import UserError
 from iosd.schema import MANIFEST_NAME, SCHEMA_VERSION
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to a temp name in the same directory, fsync, then rename over ``path``."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write text to a temp name in the same directory, fsync, then rename over ``path``:
+    a reader sees the old file or the new one, never half of one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """JSON written with write_text_atomic."""
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_schema(manifest: dict, where: str) -> dict:

@@ -25,7 +25,7 @@ from iosd.classes import load_split
 from iosd.errors import UserError
 
 SHAPE_NAMES: tuple[str, ...] = load_split("shapes", 1).all
-SIZE_RANGE = (0.4, 0.7)  # object extent as a fraction of the image side
+SIZE_RANGE = (0.5, 0.8)  # object extent as a fraction of the image side
 MIN_VISIBLE = 0.03  # fraction of the image each object must keep visible
 MAX_OCCLUDED = 0.25  # fraction of an object another one may cover
 PLACEMENT_TRIES = 24

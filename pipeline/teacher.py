@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import importlib
 import logging
 import os
@@ -31,6 +30,7 @@ import torch
 
 from iosd.classes import canonical
 from iosd.errors import UserError
+from iosd.manifest import sha256_file
 
 # Swin-S Mask R-CNN, 3x multi-scale COCO schedule (box AP 48.2, mask AP 43.2): the strongest
 # plain Mask R-CNN in mmdet's zoo. Its weights URL is read from swin/metafile.yml at run time.
@@ -176,14 +176,6 @@ def _test_pipeline(cfg, image_size: int | None):
 # -- checkpoints -----------------------------------------------------------------------------------
 def _brief(err: BaseException) -> str:
     return " ".join(str(err).split())[:300] or type(err).__name__
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _download(url: str) -> Path:
@@ -461,7 +453,7 @@ def build_teacher(
         "config": name,
         "config_path": str(path),
         "checkpoint": source,
-        "checkpoint_sha256": _sha256(local) if local else None,
+        "checkpoint_sha256": sha256_file(local) if local else None,
         "score_thr": score_thr,
         "mask_thr": float(mask_thr),
         "label_names": names_from,

@@ -8,7 +8,6 @@ both its tar and its record exist.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,18 +18,10 @@ import webdataset as wds
 
 from iosd import __version__
 from iosd.errors import UserError
-from iosd.manifest import check_schema, write_json_atomic
+from iosd.manifest import check_schema, sha256_file, write_json_atomic
 from iosd.schema import MANIFEST_NAME, SCHEMA_VERSION, SHARD_GLOB, shard_name
 
 PARTS_DIR = ".parts"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def add_counts(total: dict, part: dict) -> dict:

@@ -161,3 +161,26 @@ def test_torchrun_two_ranks_write_the_same_samples_as_one_process(tmp_path):
     with tarfile.open(ranked / "shard-000001.tar") as tar:
         exts = {m.name.split(".", 1)[1] for m in tar.getmembers()}
     assert set(REQUIRED_EXTS) <= exts
+
+
+@pytest.mark.teacher
+def test_tiny_diffusion_run_goes_through_the_real_mmdet_teacher(tmp_path):
+    """--model tiny with no teacher options: SDXL classes + mmdet's own Mask R-CNN, random weights."""
+    out = tmp_path / "voc"
+    args = ["--classes", "pascal", "--split", "1", "--model", "tiny", "--objects", "2", "--num-samples", "3", "--shard-size", "3", "--batch-size", "3", "--out", str(out), "--quiet"]
+    result = CliRunner().invoke(gen_main, args)
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(out)
+    assert manifest["teacher"]["random_weights"] is True and manifest["masks_meaningful"] is False
+    assert manifest["teacher"]["config"].startswith("mask-rcnn_r50_fpn")
+    assert manifest["counts"]["written"] == 3
+    samples = list(iter_tar_samples(str(out / "shard-000000.tar"), features=False))
+    seen = set(manifest["classes"]["seen"])
+    for sample in samples:
+        assert sample.image.shape == (128, 128, 3) and sample.embeddings.shape[0] == len(sample.classes)
+        for record in sample.classes:
+            assert record.name in seen and 0.0 <= record.score <= 1.0
+            assert record.decision in ("kept", "empty_mask", "low_score")
+            if record.mask_index is not None:
+                assert sample.masks[record.mask_index].sum() == record.mask_pixels > 0
+    assert manifest["counts"]["candidates"] >= 3

@@ -18,7 +18,7 @@ from conftest import make_shapes_set
 from iosd.train.cli import main as train_main
 
 TRAIN_SAMPLES = 800
-HELD_OUT_PER_CLASS = 12
+HELD_OUT_PER_CLASS = 20
 TARGET = 0.8
 
 
@@ -28,7 +28,7 @@ def world(tmp_path_factory):
     train = root / "shapes1"
     make_shapes_set(train, num_samples=TRAIN_SAMPLES, shard_size=100, batch_size=16)
     held_out = root / "shapes1-test"
-    make_shapes_set(held_out, subset="all", stream="test", images_per_class=HELD_OUT_PER_CLASS, shard_size=48, batch_size=16)
+    make_shapes_set(held_out, subset="all", stream="test", images_per_class=HELD_OUT_PER_CLASS, shard_size=80, batch_size=16)
     return train, held_out
 
 

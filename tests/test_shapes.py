@@ -62,8 +62,8 @@ def test_every_object_stays_clearly_visible():
         _, masks = _scene(names, seed=seed)
         fractions = masks.mean(axis=(1, 2))
         assert fractions.min() >= MIN_VISIBLE, (seed, names, fractions)
-        # no object fills the frame either (size 25-55% of the side)
-        assert fractions.max() < 0.4, (seed, names, fractions)
+        # no object fills the frame either (extent 50-80% of the side)
+        assert fractions.max() < 0.5, (seed, names, fractions)
 
 
 @pytest.mark.parametrize("name", SHAPE_NAMES)

@@ -169,3 +169,23 @@ def test_torchrun_two_ranks_one_shard_no_hang(tmp_path):
     info, _ = read_checkpoint(run)
     assert info["step"] == 6 and info["train"]["world"] == 2
     assert len(list((run / "checkpoints").iterdir())) == 1
+
+
+def test_trains_from_an_http_url(shapes_set, tmp_path):
+    """A shard set shared over HTTP: manifest and tars fetched by URL, as another machine would."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shapes_set))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        result = train(url, "--steps", "3", "--out", tmp_path / "run", *QUICK)
+        assert result.exit_code == 0, result.output
+        info, _ = read_checkpoint(tmp_path / "run")
+        assert info["shards"]["spec"] == url and info["shards"]["shards"] == 3
+    finally:
+        server.shutdown()

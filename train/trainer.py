@@ -46,7 +46,7 @@ ARCHITECTURE = ("head", "head_options")
 
 # Defaults measured on the CPU shapes world (see README / bench/train.py): they reach a
 # held-out seen mIoU >= 0.8 in a few CPU minutes; on SDXL shards raise --steps.
-DEFAULT_STEPS = 600
+DEFAULT_STEPS = 1000
 DEFAULT_BATCH = 8
 
 
