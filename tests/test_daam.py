@@ -24,7 +24,7 @@ def _inputs(batch: int, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     dim = TINY_UNET_CONFIG["cross_attention_dim"]
     return {
-        "sample": torch.randn(batch, 4, *LATENT, generator=g),
+        "sample": torch.randn(batch, TINY_UNET_CONFIG["in_channels"], *LATENT, generator=g),
         "encoder_hidden_states": torch.randn(batch, TOKENS, dim, generator=g),
         "added_cond_kwargs": {"text_embeds": torch.randn(batch, 32, generator=g), "time_ids": torch.randn(batch, 6, generator=g)},
     }
