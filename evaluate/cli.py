@@ -28,7 +28,7 @@ def _check_split(info: dict, classes: str | None, split: int | None):
     trained = ClassSplit.from_json(info["classes"])
     if classes is None and split is None:
         return trained
-    asked = load_split(classes or trained.name, split or trained.split)
+    asked = load_split(trained.name if classes is None else classes, trained.split if split is None else split)
     if (asked.seen, asked.unseen) != (trained.seen, trained.unseen):
         raise UserError(f"the checkpoint was trained on {trained.name} split {trained.split}, not {asked.name} split {asked.split}", "drop --classes/--split to use the checkpoint's own split")
     return trained
@@ -53,7 +53,7 @@ def main(checkpoint, classes, split, test_shards, images_per_class, objects, gt_
     """Score a head (and the DAAM baseline) on 50 generated images per seen and unseen class."""
     from rich.console import Console
 
-    from iosd.evaluate.report import print_table, write_report
+    from iosd.evaluate.report import print_table, writable_dir, write_report
     from iosd.evaluate.scoring import score
     from iosd.evaluate.testset import check_compatible, ensure_test_shards
     from iosd.manifest import read_manifest
@@ -71,7 +71,7 @@ def main(checkpoint, classes, split, test_shards, images_per_class, objects, gt_
     head, info = load_head(run, dev)
     split_ = _check_split(info, classes, split)
     if report_dir is not None:
-        _writable(report_dir)
+        writable_dir(report_dir)
     test_dir = ensure_test_shards(info, test_shards, images_per_class, objects, dev, quiet)
     manifest = read_manifest(test_dir)
     check_compatible(info, manifest, split_, test_dir)
@@ -90,7 +90,7 @@ def main(checkpoint, classes, split, test_shards, images_per_class, objects, gt_
     provenance = {
         "checkpoint": {"run": str(run), "step": info.get("step"), "head": info["head"].get("kind"), "train_shards": info.get("shards")},
         "test_shards": {"dir": str(test_dir), "manifest_sha256": hashlib.sha256((test_dir / MANIFEST_NAME).read_bytes()).hexdigest(), "images": total, "masks_meaningful": manifest.get("masks_meaningful")},
-        "protocol": {"gt_min_score": gt_min_score, "threshold": threshold, "images_per_class": images_per_class, "objects": objects},
+        "protocol": {"gt_min_score": gt_min_score, "threshold": threshold, "images_per_class": (manifest.get("config") or {}).get("images_per_class"), "objects": objects},
         "counts": {"images": scores.images, "filtered": scores.filtered, **({"group_images": scores.group_images} if groups else {})},
     }
     out = report_dir or (run / f"eval-{test_dir.name}")
@@ -99,16 +99,6 @@ def main(checkpoint, classes, split, test_shards, images_per_class, objects, gt_
     if not manifest.get("masks_meaningful", True):
         console.print("[yellow]note:[/] the teacher of these test shards has random weights: its masks are meaningless")
     click.echo(json.dumps({"report": str(written["json"]), "markdown": str(written["md"])}))
-
-
-def _writable(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".iosd-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"cannot write the report in {path} ({err.strerror})", "choose a writable --report directory") from None
 
 
 if __name__ == "__main__":

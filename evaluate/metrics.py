@@ -83,6 +83,12 @@ def _overlaps(pred, target) -> tuple[list[int], list[int]]:
     return inter.tolist(), union.tolist()
 
 
+def mask_iou(pred, target) -> float | None:
+    """IoU of one (H, W) pair of boolean masks; None when both are empty."""
+    (inter,), (union,) = _overlaps(_as_bool(pred, "prediction")[None], _as_bool(target, "target")[None])
+    return inter / union if union else None
+
+
 def harmonic_mean(seen: float, unseen: float) -> float:
     """2ab/(a+b): the usual single number for open-vocabulary results (NaN if either is)."""
     if math.isnan(seen) or math.isnan(unseen):

@@ -27,6 +27,11 @@ def predict(run: Path, prompt: str | None, names: list[str], *, out: Path, image
     from iosd.train.checkpoint import load_head
     from iosd.viz import overlay, save_png_atomic
 
+    out = Path(out)
+    try:  # before any diffusion: a bad --out costs nothing
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot write to --out {out} ({err.strerror})", "choose a writable directory") from None
     head, info = load_head(run, "cpu")
     gen = info.get("generation") or {}
     if not gen:
@@ -37,7 +42,7 @@ def predict(run: Path, prompt: str | None, names: list[str], *, out: Path, image
     layers = tuple(p for p, _ in info["layout"]["layers"])
     template = info["embedding"]["template"]
     if prompt is None:
-        prompt = " and ".join(template.format(n) for n in names)
+        prompt = template.format(names[0]) + "".join(f" and a {n}" for n in names[1:])
     with FeatureCapture(loaded.pipe.unet, layers) as capture:
         if image is not None:
             pixels = load_image(image, size)[None]
@@ -51,11 +56,6 @@ def predict(run: Path, prompt: str | None, names: list[str], *, out: Path, image
     logits = head(feats, queries, torch.ones(1, len(names), dtype=torch.bool, device=loaded.device)).float()
     probs = torch.sigmoid(F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False))[0].cpu().numpy()
     masks = probs > threshold
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot write to --out {out} ({err.strerror})", "choose a writable directory") from None
     files = {"image": str(save_png_atomic(Image.fromarray(pixels[0]), out / "image.png"))}
     for name, mask in zip(names, masks, strict=True):
         files[f"mask:{name}"] = str(save_png_atomic(Image.fromarray((mask * 255).astype(np.uint8)), out / f"mask-{safe_name(name)}.png"))

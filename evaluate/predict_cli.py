@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import click
@@ -46,10 +47,12 @@ def main(prompt, checkpoint, class_list, image_path, out, seed, threshold, devic
         raise UserError(f"--classes {class_list!r} has an empty class name", 'pass names separated by commas, e.g. "cat,dog"')
     if prompt is None and image_path is None:
         raise UserError("nothing to segment: no PROMPT and no --image", 'give a prompt, e.g. "a photograph of a cat", or --image FILE')
+    if not 0 < threshold < 1:
+        raise UserError(f"--threshold {threshold} is outside (0, 1)", "pass e.g. 0.5")
     console = Console(stderr=True)
     if prompt is not None:
         for name in names:
-            if name.lower() not in prompt.lower():
+            if not re.search(rf"(?<!\w){re.escape(name)}(?!\w)", prompt, re.IGNORECASE):
                 console.print(f"[yellow]note:[/] class {name!r} is not in the prompt; segmenting it anyway")
     run = _resolve_run(checkpoint, runs_root)
     result = predict(run, prompt, names, out=out, image=image_path, seed=seed, threshold=threshold, device=device, load_image=_load_image)

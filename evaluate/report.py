@@ -167,16 +167,17 @@ def _group_markdown(groups: Mapping[str, Mapping[str, dict]]) -> list[str]:
     return out
 
 
-def _writable_dir(out_dir: str | Path) -> Path:
+def writable_dir(out_dir: str | Path) -> Path:
+    """The report directory, created; a UserError when it cannot be written."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"report path {out} is a file, not a directory", "pass a directory for the report")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise UserError(f"cannot create the report directory {out} ({err.strerror})", "choose a writable --out directory") from None
+        raise UserError(f"cannot create the report directory {out} ({err.strerror})", "choose a writable --report directory") from None
     if not os.access(out, os.W_OK | os.X_OK):
-        raise UserError(f"no permission to write in the report directory {out}", "choose a writable --out directory or fix its permissions")
+        raise UserError(f"no permission to write in the report directory {out}", "choose a writable --report directory or fix its permissions")
     return out
 
 
@@ -244,7 +245,7 @@ def write_report(
     """Write report.json, report.md, per_class_iou.png and grids/<class>.png (all atomically)."""
     from iosd.viz import save_png_atomic
 
-    out = _writable_dir(out_dir)
+    out = writable_dir(out_dir)
     report = build_report(results, provenance, groups)
     written: dict[str, Path | list[Path]] = {}
     try:
@@ -253,7 +254,7 @@ def write_report(
         write_text_atomic(out / REPORT_MD, render_markdown(report))
         written["md"] = out / REPORT_MD
     except OSError as err:
-        raise UserError(f"cannot write the report in {out} ({err.strerror})", "choose a writable --out directory") from None
+        raise UserError(f"cannot write the report in {out} ({err.strerror})", "choose a writable --report directory") from None
     written["chart"] = save_png_atomic(per_class_chart(results), out / PER_CLASS_PNG)
     grids = []
     for cls, items in (examples or {}).items():

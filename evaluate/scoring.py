@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from iosd.evaluate.metrics import IoUAccumulator
+from iosd.evaluate.metrics import IoUAccumulator, mask_iou
 from iosd.evaluate.report import Example
 from iosd.pipeline.daam import daam_masks
 from iosd.schema import KEPT, PAIR_GROUPS, iter_tar_samples
@@ -122,7 +122,8 @@ def score(head: torch.nn.Module, shard_dir: Path, shard_names: list[str], layers
                     masks = {"teacher": target, "head": preds[b, i]}
                     if daam is not None:
                         masks["daam"] = daam[i]
-                    shown.append(Example(image=item["image"], masks=masks, caption=name))
+                    ious = {col: iou for col, m in masks.items() if col != "teacher" and (iou := mask_iou(m, target)) is not None}
+                    shown.append(Example(image=item["image"], masks=masks, ious=ious, caption=name))
         if progress is not None:
             progress(len(batch))
     if not any(out.methods["daam"].counts().values()):

@@ -42,6 +42,13 @@ def built_objects(manifest: dict) -> str:
     return str((manifest.get("config") or {}).get("objects", "1"))
 
 
+def check_images_per_class(manifest: dict, images_per_class: int, where: Path) -> None:
+    """Refuse a finished test set of another size: its numbers would be reported as this one's."""
+    built = (manifest.get("config") or {}).get("images_per_class")
+    if built is not None and built != images_per_class:
+        raise UserError(f"{where} holds {built} images per class, not --images-per-class {images_per_class}", f"pass --images-per-class {built}, or another --test-shards directory")
+
+
 def check_objects(manifest: dict, objects: str, where: Path) -> None:
     """Refuse test shards built with another --objects: their images answer another question."""
     built = built_objects(manifest)
@@ -76,6 +83,7 @@ def ensure_test_shards(info: dict, test_dir: Path | None, images_per_class: int,
     if manifest_path.exists():
         manifest = read_manifest(out)
         check_objects(manifest, objects, out)
+        check_images_per_class(manifest, images_per_class, out)
         if manifest.get("complete"):
             return out
     if test_dir is not None and out.exists() and any(out.iterdir()) and not manifest_path.exists():

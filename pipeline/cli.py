@@ -10,7 +10,7 @@ from iosd.errors import user_errors
 from iosd.featstore import CODECS, DEFAULT_CODEC
 from iosd.layers import DEFAULT_PRESET, FEATURE_DTYPES
 from iosd.pipeline.models import DEFAULT_MODEL
-from iosd.pipeline.prompts import GD_TEMPLATE
+from iosd.pipeline.prompts import GD_TEMPLATE, GD_TEMPLATE_2
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -26,6 +26,7 @@ from iosd.pipeline.prompts import GD_TEMPLATE
 @click.option("--out", default=None, help="output directory [default: shards/<classes><split>]")
 @click.option("--objects", type=click.Choice(["1", "2", "mix"]), default="1", help="objects per prompt")
 @click.option("--template", default=GD_TEMPLATE, help="one-object prompt template")
+@click.option("--template2", default=GD_TEMPLATE_2, help="two-object prompt template (--objects 2 or mix)")
 @click.option("--negative", is_flag=True, help="IOSD's negative-class prompt: the query and a random other class")
 @click.option("--steps", type=int, default=1, help="denoising steps (SDXL-Turbo: 1-4)")
 @click.option("--resolution", type=int, default=None, help="image side in pixels [default: 512; 128 for --model tiny]")
@@ -38,6 +39,7 @@ from iosd.pipeline.prompts import GD_TEMPLATE
 @click.option("--teacher-config", default=None, help="mmdet config name or path [default: Mask R-CNN Swin-S 3x COCO]")
 @click.option("--teacher-checkpoint", default=None, help="teacher checkpoint path or URL")
 @click.option("--min-score", type=float, default=None, help="drop a class whose best teacher score is lower [default: 0.8; 0 for the tiny teacher]")
+@click.option("--score-thr", type=float, default=None, help="teacher detection score threshold [default: 0.05 (GD); 0 for the tiny teacher]")
 @click.option("--mask-thr", type=float, default=0.5, help="teacher mask binarisation threshold")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 @click.option("--workers", type=int, default=2, help="threads that encode and compress samples")

@@ -98,12 +98,14 @@ class GenConfig:
             raise UserError(f"--steps {c.steps} is far beyond SDXL-Turbo's 1-4", "pass --steps 1 to 4")
         if c.resolution is None:
             c.resolution = 128 if c.model == TINY else 512
-        if c.resolution % 32:
+        if c.resolution <= 0 or c.resolution % 32:
             raise UserError(f"--resolution {c.resolution} is not a multiple of 32", "use e.g. 512")
         if c.source == "shapes" and c.feature_t is None:
             c.feature_t = IMAGE_SOURCE_T
         if c.feature_t is not None and not 0 <= c.feature_t < 1000:
             raise UserError(f"--feature-t {c.feature_t} is outside 0..999", "pass a timestep in 0..999")
+        if c.min_score is not None and not 0 <= c.min_score <= 1:
+            raise UserError(f"--min-score {c.min_score} is outside 0..1", "pass a teacher confidence, e.g. 0.8")
         tiny_teacher = self.tiny_teacher
         if c.min_score is None:
             c.min_score = 0.0 if tiny_teacher or c.source == "shapes" else 0.8
@@ -222,6 +224,22 @@ def _barrier(world: int) -> None:
         torch.distributed.barrier()
 
 
+def _on_rank0(world: int, rank: int, action) -> None:
+    """Run ``action`` on rank 0; every rank raises its UserError (no rank waits forever)."""
+    error = None
+    if rank == 0:
+        try:
+            action()
+        except UserError as err:
+            error = (err.problem, err.fix)
+    if world > 1:
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise UserError(*error)
+
+
 class Generator:
     """Runs one configured generation into one shard directory (this rank's share of it)."""
 
@@ -301,9 +319,7 @@ class Generator:
         self.embeddings = dict(zip(names, class_embeddings(self.loaded.pipe, names), strict=True))
         self.subsets = {**{n: "seen" for n in self.split.seen}, **{n: "unseen" for n in self.split.unseen}}
         self.writer = ShardSetWriter(self.cfg.out, self.header(self._probe_shapes()), self.plan.n_shards, overwrite=self.cfg.overwrite)
-        if self.rank == 0:
-            self.writer.prepare()
-        _barrier(self.world)
+        _on_rank0(self.world, self.rank, self.writer.prepare)
         self.daam = None
         if self.cfg.daam:
             from iosd.pipeline.daam import DaamRecorder
@@ -412,7 +428,9 @@ class Generator:
 
     def run(self) -> dict:
         """Generate this rank's missing shards; returns the final manifest (rank 0) or {}."""
+        t0 = time.perf_counter()
         self.setup()
+        self.times.add("setup", time.perf_counter() - t0 - self.times.seconds["load"])
         try:
             done = self.writer.done()
             mine = [i for i in range(self.plan.n_shards) if i % self.world == self.rank and i not in done]

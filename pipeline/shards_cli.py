@@ -53,6 +53,8 @@ def verify(directory: Path, quiet: bool) -> None:
         out.print(f"[green]OK[/]: {summary}")
         return
     out.print(f"[red]FAILED[/]: {len(report.problems)} problem(s); {summary}")
+    if any(p.kind in (shardcheck.MISSING, shardcheck.CORRUPT) for p in report.problems):
+        out.print("fix: delete the corrupt tars and rerun the iosd-gen command that wrote this set: it regenerates exactly the missing shards")
     sys.exit(1)
 
 

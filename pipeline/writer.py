@@ -80,12 +80,16 @@ class ShardSetWriter:
         (self.out / MANIFEST_NAME).unlink(missing_ok=True)
 
     def done(self) -> set[int]:
-        """Indices whose tar and record both exist (a tar without record is redone)."""
+        """Indices whose tar and record both exist and agree in size (others are redone)."""
         done = set()
         for rec in self.parts.glob("*.json"):
             index = int(rec.stem.rsplit("-", 1)[1])
-            if (self.out / shard_name(index)).exists():
-                done.add(index)
+            tar = self.out / shard_name(index)
+            try:
+                if tar.stat().st_size == json.loads(rec.read_text())["bytes"]:
+                    done.add(index)
+            except (OSError, ValueError, KeyError):
+                pass  # missing tar, or a record cut short: regenerate the shard
         return done
 
     # -- writing -----------------------------------------------------------------------

@@ -66,6 +66,18 @@ def test_resumed_run_continues_the_loss_curve(shapes_set, tmp_path):
     np.testing.assert_allclose([v for _, v in losses(cut)], [v for _, v in losses(whole)], rtol=1e-5)
 
 
+def test_resume_with_several_workers_keeps_their_batch_order(shapes_set, tmp_path):
+    # cut at an odd step: the next batch is worker 1's, and the resumed loader must start there
+    quick = [a if a != "0" else "2" for a in QUICK]  # --workers 2
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert train(shapes_set, "--steps", "6", "--log-every", "1", "--out", whole, *quick).exit_code == 0
+    assert train(shapes_set, "--steps", "3", "--save-every", "3", "--log-every", "1", "--out", cut, *quick).exit_code == 0
+    assert read_checkpoint(cut)[0]["train"]["data_position"]["next_worker"] == [1]
+    again = train(shapes_set, "--steps", "6", "--out", cut, "--resume", "--quiet", "--workers", "2")
+    assert again.exit_code == 0, again.output
+    np.testing.assert_allclose([v for _, v in losses(cut)], [v for _, v in losses(whole)], rtol=1e-5)
+
+
 def test_existing_run_needs_resume_or_overwrite_and_foreign_dirs_are_refused(shapes_set, tmp_path):
     run = tmp_path / "run"
     assert train(shapes_set, "--steps", "2", "--out", run, *QUICK).exit_code == 0

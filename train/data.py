@@ -227,10 +227,13 @@ def _expected_counts(shard_set: ShardSet) -> dict[str, int]:
 class TrainStream(_Reader, IterableDataset):
     """The endless training batch stream of one rank (see the module docstring)."""
 
-    def __init__(self, shard_set: ShardSet, spec: DecodeSpec, batch_size: int, *, seed: int = 0, on_corrupt: str = "warn", rank: int = 0, world: int = 1, start: dict | None = None) -> None:
+    def __init__(self, shard_set: ShardSet, spec: DecodeSpec, batch_size: int, *, seed: int = 0, on_corrupt: str = "warn", rank: int = 0, world: int = 1, start: dict | None = None, rotate: int = 0) -> None:
         super().__init__(shard_set, spec, batch_size, on_corrupt, rank, world)
         self.seed = seed
         self.start = start or {}
+        # The DataLoader deals batches from workers 0, 1, ... in turn; a resumed run must go on
+        # with the worker that was next, so physical worker w serves logical worker w + rotate.
+        self.rotate = rotate
         self.barren_limit = 3 * len(self.urls) + 10
 
     def url_at(self, position: int) -> str:
@@ -241,7 +244,8 @@ class TrainStream(_Reader, IterableDataset):
         return self.urls[order[index]]
 
     def __iter__(self) -> Iterator[dict]:
-        worker, workers = _worker()
+        physical, workers = _worker()
+        worker = (physical + self.rotate) % workers
         slot, slots = self.rank * workers + worker, self.world * workers
         shard, start = self.start.get(slot, (0, 0))
         items: list[dict] = []
@@ -259,7 +263,7 @@ class TrainStream(_Reader, IterableDataset):
                     items.append(item)
                 if len(items) == self.batch_size:
                     batch = collate(items)
-                    batch.update(worker=worker, position=(shard, after), notes=notes, stats=dict(stats))
+                    batch.update(worker=worker, position=(shard, after), notes=notes)
                     yield batch
                     items, notes = [], []
             shard, start = shard + 1, 0
@@ -296,20 +300,22 @@ class ValStream(_Reader, IterableDataset):
             yield {**(collate(items) if items else {"empty": True}), "notes": notes}
 
 
-def start_positions(saved: dict | None, *, identity: str, rank: int, world: int, workers: int) -> tuple[dict[int, tuple[int, int]], str | None]:
-    """Each slot's (shard, sample) to start from, and a note when the position is approximate."""
+def start_positions(saved: dict | None, *, identity: str, rank: int, world: int, workers: int) -> tuple[dict[int, tuple[int, int]], int, str | None]:
+    """Each slot's (shard, sample) to start from, this rank's first worker, and a note when the
+    position is approximate."""
     if not saved:
-        return {}, None
+        return {}, 0, None
     slots = world * max(workers, 1)
     old = [tuple(p) for p in saved["slots"]]
     if saved.get("identity") == identity and saved.get("slots_count", len(old)) == slots and len(old) == slots:
-        return {s: old[s] for s in range(slots)}, None
+        next_worker = saved.get("next_worker") or [0] * world
+        return {s: old[s] for s in range(slots)}, int(next_worker[rank]), None
     # Another geometry (or shard list): restart every slot at the earliest unfinished shard.
     old_slots = len(old)
     cursor = min(s + k * old_slots for s, (k, _) in enumerate(old)) if saved.get("identity") == identity else 0
     starts = {s: (max(0, math.ceil((cursor - s) / slots)), 0) for s in range(slots)}
     why = "a different number of ranks x workers" if saved.get("identity") == identity else "a different shard list"
-    return starts, f"resuming with {why}: data position restarts at shard {cursor} of the sequence (some samples may repeat)"
+    return starts, 0, f"resuming with {why}: data position restarts at shard {cursor} of the sequence (some samples may repeat)"
 
 
 class TrainLoader:
@@ -325,7 +331,12 @@ class TrainLoader:
         n = max(self.workers, 1)
         base = stream.rank * n
         self.positions = [tuple(stream.start.get(base + w, (0, 0))) for w in range(n)]
-        self.stats: dict[int, dict] = {}
+        self.consumed = 0
+
+    @property
+    def next_worker(self) -> int:
+        """The logical worker whose batch comes next (saved so a resume keeps the order)."""
+        return (self.stream.rotate + self.consumed) % max(self.workers, 1)
 
     def next(self, note) -> dict:
         """The next batch; notes from workers go to ``note``; a worker's error becomes a UserError."""
@@ -334,9 +345,8 @@ class TrainLoader:
             raise UserError(*batch["error"])
         for message in batch.pop("notes", []):
             note(message)
-        worker = batch.pop("worker")
-        self.positions[worker] = tuple(batch.pop("position"))
-        self.stats[worker] = batch.pop("stats")
+        self.positions[batch.pop("worker")] = tuple(batch.pop("position"))
+        self.consumed += 1
         return batch
 
     def close(self) -> None:

@@ -309,7 +309,8 @@ class IOSDHead(GroundingHead):
         widths = self.config["visual_channels"]
         cumulative = [sum(widths[: i + 1]) for i in range(len(widths))]
         d_model, patch = self.config["d_model"], self.config["patch"]
-        self.own_blocks = nn.ModuleList(MixBlock(w, w) for w in widths)
+        # each level's own block mixes its reduced features with the previous level's output
+        self.own_blocks = nn.ModuleList(MixBlock(c, c) for c in cumulative)
         self.final_block = MixBlock(cumulative[-1], cumulative[-1])
         sides = [side for side, _ in self.groups]
         self.tokens = nn.ModuleList(PatchTokens(c, s, d_model, patch) for c, s in zip([*cumulative, cumulative[-1]], [*sides, sides[-1]], strict=True))
@@ -317,10 +318,10 @@ class IOSDHead(GroundingHead):
     def encode(self, features):
         maps, x = [], None
         for (side, _), reducer, block in zip(self.groups, self.reducers, self.own_blocks, strict=True):
-            own = block(reducer(features))
-            if x is not None:
+            own = reducer(features)
+            if x is not None:  # combine with the previous level's output, then this level's conv
                 own = torch.cat([F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False), own], dim=1)
-            x = own
+            x = block(own)
             maps.append(x)
         final = self.final_block(x)
         maps.append(final)

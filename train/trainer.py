@@ -41,6 +41,13 @@ SCHEDULES = ("constant", "cosine", "step")
 SUBSETS = ("seen", "all")
 # What a run directory may hold; anything else makes it foreign.
 RUN_FILES = {ckpt.CHECKPOINT_NAME, ckpt.STEPS_DIR, METRICS_NAME, CURVE_NAME, "tensorboard"}
+
+
+def _foreign_files(run_dir: Path) -> set[str]:
+    """Names in a run directory that iosd-train did not write (its own temp leftovers excluded)."""
+    return {p.name for p in run_dir.iterdir() if p.name not in RUN_FILES and not (p.name.startswith(".") and ".tmp" in p.name)}
+
+
 # Fixed by the checkpoint: a resumed run may not change them.
 ARCHITECTURE = ("head", "head_options")
 
@@ -97,6 +104,10 @@ class TrainConfig:
             raise UserError(f"--lr must be a positive number (got {self.lr})")
         if self.weight_decay < 0 or self.dice < 0:
             raise UserError("--weight-decay and --dice must be >= 0")
+        if not 0 <= self.min_score <= 1:
+            raise UserError(f"--min-score {self.min_score} is outside 0..1", "pass a teacher confidence, e.g. 0.8")
+        if not self.decay_factor > 0:
+            raise UserError(f"--decay-factor must be > 0 (got {self.decay_factor})", "pass e.g. 0.5")
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown --schedule {self.schedule!r}", f"use one of {', '.join(SCHEDULES)}")
         if self.subset not in SUBSETS:
@@ -162,6 +173,7 @@ class Trainer:
         self.shards = resolve_shards(cfg.shards)
         self.run_dir = Path(cfg.out or default_out(self.shards, cfg.head))
         self.resumed: dict | None = None
+        self.start_over = False
         if cfg.resume:
             self.resumed, self.resume_weights = self._check_resume()
             cfg = self.cfg = self._merge_resumed(self.resumed)
@@ -176,7 +188,7 @@ class Trainer:
             if diff:
                 raise UserError(f"--val {cfg.val} does not match the training shards' feature layout: {diff}", "validate on shards generated with the same model and --layers")
         if self.env.main:
-            if not cfg.resume and cfg.overwrite:
+            if self.start_over:
                 self._clear_run_dir()
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -188,19 +200,18 @@ class Trainer:
         d = self.run_dir
         if d.exists() and not d.is_dir():
             raise UserError(f"--out {d} is a file", "choose a directory")
-        if not d.exists() or self.cfg.overwrite:
-            if d.exists() and self.cfg.overwrite and set(p.name for p in d.iterdir()) - RUN_FILES:
-                raise UserError(f"--out {d} holds files that are not an iosd-train run", "choose a new or empty directory; --overwrite only replaces a run")
+        if not d.exists():
             return
-        names = {p.name for p in d.iterdir()}
-        if ckpt.CHECKPOINT_NAME in names:
+        if _foreign_files(d):
+            hint = "; --overwrite only replaces a run" if self.cfg.overwrite else ""
+            raise UserError(f"--out {d} holds files that are not an iosd-train run", f"choose a new or empty directory{hint}")
+        if (d / ckpt.CHECKPOINT_NAME).exists() and not self.cfg.overwrite:
             raise UserError(f"{d} already holds a training run", "pass --resume to continue it, --overwrite to start over, or another --out")
-        if names - RUN_FILES:
-            raise UserError(f"--out {d} holds files that are not an iosd-train run", "choose a new or empty directory")
+        # a run cut off before its first checkpoint (or --overwrite): start it over, cleanly
+        self.start_over = True
 
     def _clear_run_dir(self) -> None:
-        for name in RUN_FILES:
-            path = self.run_dir / name
+        for path in self.run_dir.iterdir():  # only run files and temp leftovers (checked above)
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():
@@ -211,7 +222,7 @@ class Trainer:
         if not (d / ckpt.CHECKPOINT_NAME).exists():
             raise UserError(f"--resume: {d} holds no iosd-train checkpoint", "start without --resume, or point --out at the run to continue")
         info, weights = ckpt.read_checkpoint(d)
-        if "train" not in info or "head" not in info:
+        if not all(key in info for key in ("train", "head", "shards", "layout")):
             raise UserError(f"--resume: {d} was not written by iosd-train", "point --out at a training run directory")
         if info["shards"]["identity"] != self.shards.identity:
             raise UserError(f"--resume: {d} was trained on another shard set ({info['shards']['spec']}, not {self.cfg.shards})", "pass the run's own shards, or start a new run with another --out")
@@ -288,10 +299,10 @@ class Trainer:
         self.workers = workers
         spec = DecodeSpec.from_layout(self.shards.layout, min_score=cfg.min_score, subsets=("seen",) if cfg.subset == "seen" else None, mask_size=self.mask_size)
         saved = self.resumed["train"]["data_position"] if self.resumed else None
-        starts, why = start_positions(saved, identity=self.shards.identity, rank=self.env.rank, world=self.env.world, workers=workers)
+        starts, rotate, why = start_positions(saved, identity=self.shards.identity, rank=self.env.rank, world=self.env.world, workers=workers)
         if why and self.env.main:
             self.note(why)
-        stream = TrainStream(self.shards, spec, cfg.batch_size, seed=cfg.seed, on_corrupt=cfg.on_corrupt, rank=self.env.rank, world=self.env.world, start=starts)
+        stream = TrainStream(self.shards, spec, cfg.batch_size, seed=cfg.seed, on_corrupt=cfg.on_corrupt, rank=self.env.rank, world=self.env.world, start=starts, rotate=rotate)
         return TrainLoader(stream, workers, pin_memory=self.env.device.type == "cuda")
 
     # -- one step --------------------------------------------------------------------------
@@ -332,7 +343,9 @@ class Trainer:
 
     def checkpoint_info(self, loader: TrainLoader, last: dict) -> dict:
         cfg = self.cfg
-        slots = [tuple(p) for rank_positions in self.env.gather(loader.positions) for p in rank_positions]
+        ranks = self.env.gather((loader.positions, loader.next_worker))
+        slots = [tuple(p) for positions, _ in ranks for p in positions]
+        next_worker = [worker for _, worker in ranks]
         manifest = self.shards.manifest or {}
         samples = self.step * cfg.batch_size * self.env.world
         return {
@@ -354,7 +367,7 @@ class Trainer:
                 "workers": self.workers,
                 "samples": samples,
                 "epochs": round(samples / self.shards.samples, 3) if self.shards.samples else None,
-                "data_position": {"identity": self.shards.identity, "slots_count": len(slots), "slots": slots, "seed": cfg.seed},
+                "data_position": {"identity": self.shards.identity, "slots_count": len(slots), "slots": slots, "next_worker": next_worker, "seed": cfg.seed},
                 "metrics": last,
             },
             "iosd_version": __version__,
