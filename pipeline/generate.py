@@ -96,6 +96,8 @@ class GenConfig:
             raise UserError(f"unknown stream {c.stream!r}", "use train or test")
         if c.steps > 50:
             raise UserError(f"--steps {c.steps} is far beyond SDXL-Turbo's 1-4", "pass --steps 1 to 4")
+        if not -c.steps <= c.feature_step < c.steps:
+            raise UserError(f"--feature-step {c.feature_step} is not one of the {c.steps} denoising calls", f"pass a step in {-c.steps}..{c.steps - 1} (-1 is the last)")
         if c.resolution is None:
             c.resolution = 128 if c.model == TINY else 512
         if c.resolution <= 0 or c.resolution % 32:

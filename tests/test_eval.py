@@ -49,6 +49,22 @@ def test_eval_builds_test_shards_and_reports_head_and_daam(run_dir, tmp_path):
     again = CliRunner().invoke(eval_main, ["--checkpoint", str(run_dir), "--images-per-class", "2", "--report", str(tmp_path / "r2"), "--quiet"])
     assert again.exit_code == 0, again.output
     assert json.loads((tmp_path / "r2" / "report.json").read_text())["methods"] == results
+    assert data["provenance"]["protocol"]["images_per_class"] == 2
+    # ... and never passes it off as a test set of another size
+    other = CliRunner().invoke(eval_main, ["--checkpoint", str(run_dir), "--images-per-class", "3", "--quiet"])
+    assert other.exit_code == 2 and "holds 2 images per class, not --images-per-class 3" in other.output
+    # the grid examples carry each method's IoU against the teacher, as computed from their masks
+    from iosd.evaluate.metrics import mask_iou
+    from iosd.evaluate.scoring import score
+    from iosd.train.checkpoint import load_head
+
+    head, info = load_head(run_dir)
+    scores = score(head, test_dir, [s["name"] for s in manifest["shards"]], [p for p, _ in info["layout"]["layers"]], gt_min_score=0.8, workers=0)
+    examples = [ex for shown in scores.examples.values() for ex in shown]
+    assert examples and all(set(ex.ious) <= {"head", "daam"} for ex in examples)
+    for ex in examples:
+        for column, iou in ex.ious.items():
+            assert iou == mask_iou(ex.masks[column], ex.masks["teacher"])
 
 
 GROUP_OF = {0: "seen+seen", 1: "seen+unseen", 2: "unseen+unseen"}  # by the number of unseen classes

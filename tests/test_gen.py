@@ -113,6 +113,9 @@ def test_different_config_is_refused_unless_overwrite(tmp_path):
         (["--source", "shapes", "--classes", "coco"], "pass --classes shapes"),
         (["--layers", "bogus"], "unknown feature layer preset"),
         (["--template", "no slot"], "needs exactly one {}"),
+        (["--resolution", "0"], "--resolution 0"),
+        (["--steps", "2", "--feature-step", "2"], "--feature-step 2"),
+        (["--min-score", "1.5"], "outside 0..1"),
     ],
 )
 def test_bad_input_is_one_line(args, message, tmp_path):

@@ -66,6 +66,17 @@ def test_resumed_run_continues_the_loss_curve(shapes_set, tmp_path):
     np.testing.assert_allclose([v for _, v in losses(cut)], [v for _, v in losses(whole)], rtol=1e-5)
 
 
+def test_a_run_cut_off_before_its_first_checkpoint_starts_over_cleanly(shapes_set, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')  # left by the cut-off run
+    (run / ".checkpoint.json.abc.tmp").write_text("{")  # a temp file the kill left behind
+    result = train(shapes_set, "--steps", "2", "--log-every", "1", "--out", run, *QUICK)
+    assert result.exit_code == 0, result.output
+    assert [s for s, _ in losses(run)] == [1, 2] and 9.0 not in [v for _, v in losses(run)]
+    assert not list(run.glob(".*.tmp"))
+
+
 def test_resume_with_several_workers_keeps_their_batch_order(shapes_set, tmp_path):
     # cut at an odd step: the next batch is worker 1's, and the resumed loader must start there
     quick = [a if a != "0" else "2" for a in QUICK]  # --workers 2
