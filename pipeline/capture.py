@@ -54,3 +54,23 @@ class FeatureCapture:
         out = {p: self.captured[p] for p in self.paths}
         self.captured = {}
         return out
+
+
+def sdxl_layer_shapes(paths: tuple[str, ...], resolution: int = 512) -> dict[str, list[int]]:
+    """(C, H, W) of each layer of SDXL(-Turbo)'s UNet at ``resolution`` px, with no weights.
+
+    The UNet is built on the meta device from SDXL's config, so the feature presets' costs
+    can be stated (README, bench/presets.py) and tested without a download or a GPU.
+    """
+    from diffusers import UNet2DConditionModel
+
+    from iosd.pipeline.tiny import SDXL_UNET_CONFIG
+
+    side = resolution // 8
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+    with FeatureCapture(unet, paths) as cap, torch.device("meta"):
+        cap.armed = True
+        conditions = {"text_embeds": torch.zeros(1, 1280), "time_ids": torch.zeros(1, 6)}
+        unet(torch.zeros(1, 4, side, side), torch.tensor([999]), encoder_hidden_states=torch.zeros(1, 77, 2048), added_cond_kwargs=conditions)
+        return {p: list(t.shape[1:]) for p, t in cap.take().items()}
