@@ -430,6 +430,13 @@ class Generator:
 
     def run(self) -> dict:
         """Generate this rank's missing shards; returns the final manifest (rank 0) or {}."""
+        threads = torch.get_num_threads()  # setup() may lower it for the encode threads
+        try:
+            return self._run()
+        finally:
+            torch.set_num_threads(threads)  # a caller's later work (e.g. training) gets every core back
+
+    def _run(self) -> dict:
         t0 = time.perf_counter()
         self.setup()
         self.times.add("setup", time.perf_counter() - t0 - self.times.seconds["load"])

@@ -10,6 +10,7 @@ import tarfile
 import textwrap
 
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import make_shapes_set
 
@@ -187,3 +188,15 @@ def test_tiny_diffusion_run_goes_through_the_real_mmdet_teacher(tmp_path):
             if record.mask_index is not None:
                 assert sample.masks[record.mask_index].sum() == record.mask_pixels > 0
     assert manifest["counts"]["candidates"] >= 3
+
+
+def test_generation_gives_the_callers_cpu_threads_back(tmp_path):
+    # generation lowers torch's threads for its encode threads; later work in the same process
+    # (training after generating, a test session) must get them back
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        make_shapes_set(tmp_path / "set", num_samples=2, shard_size=2, batch_size=2)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
