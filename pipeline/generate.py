@@ -101,7 +101,7 @@ class GenConfig:
         if c.resolution is None:
             c.resolution = 128 if c.model == TINY else 512
         if c.resolution <= 0 or c.resolution % 32:
-            raise UserError(f"--resolution {c.resolution} is not a multiple of 32", "use e.g. 512")
+            raise UserError(f"--resolution {c.resolution} is not a positive multiple of 32", "use e.g. 512")
         if c.source == "shapes" and c.feature_t is None:
             c.feature_t = IMAGE_SOURCE_T
         if c.feature_t is not None and not 0 <= c.feature_t < 1000:
