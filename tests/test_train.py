@@ -212,3 +212,24 @@ def test_trains_from_an_http_url(shapes_set, tmp_path):
         assert info["shards"]["spec"] == url and info["shards"]["shards"] == 3
     finally:
         server.shutdown()
+
+
+def test_trains_from_an_fsspec_url_as_s3_and_gs_sets_are_read(shapes_set, tmp_path):
+    """s3:// and gs:// go through fsspec; its in-memory filesystem takes the same code path."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for path in shapes_set.iterdir():
+        if path.is_file():
+            fs.pipe(f"/shared/shapes/{path.name}", path.read_bytes())
+    try:
+        for spec in ("memory://shared/shapes", "memory://shared/shapes/shard-{000000..000002}.tar"):
+            run = tmp_path / str(abs(hash(spec)))
+            result = train(spec, "--steps", "2", "--out", run, *QUICK)
+            assert result.exit_code == 0, result.output
+            info, _ = read_checkpoint(run)
+            assert info["shards"]["shards"] == 3 and info["shards"]["manifest_sha256"] is not None
+        result = train("nosuchfs://bucket/set", "--steps", "1", "--out", tmp_path / "x", *QUICK)
+        assert result.exit_code == 2 and "nosuchfs" in result.output and "Traceback" not in result.output
+    finally:
+        fs.rm("/shared", recursive=True)

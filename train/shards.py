@@ -78,16 +78,16 @@ def read_bytes(url: str) -> bytes:
         return f.read()
 
 
-def _exists(url: str) -> bool:
+def _read_if_present(url: str) -> bytes | None:
+    """The file's bytes, or None when it is not there (one fetch for a URL, not two)."""
     if not is_url(url):
-        return Path(url).exists()
+        return Path(url).read_bytes() if Path(url).is_file() else None
     try:
-        read_bytes(url)
-        return True
+        return read_bytes(url)
     except UserError:
         raise
     except Exception:
-        return False
+        return None
 
 
 def _parse_manifest(data: bytes, where: str) -> dict:
@@ -193,7 +193,7 @@ def _from_pattern(spec: str) -> ShardSet:
             raise UserError(f"{len(missing)} of {len(urls)} shards of {spec} are missing (first: {missing[0]})", "fix the pattern's range")
     base = posixpath.dirname(urls[0]) if is_url(spec) else os.path.dirname(urls[0]) or "."
     manifest_url = _join(base, MANIFEST_NAME)
-    if _exists(manifest_url):
-        data = Path(manifest_url).read_bytes() if not is_url(manifest_url) else read_bytes(manifest_url)
+    data = _read_if_present(manifest_url)
+    if data is not None:
         return _from_manifest(spec, base, data, manifest_url, urls=urls)
     return ShardSet(spec, _set_name(spec), urls, layout_from_sample(urls[0]), notes=[f"no {MANIFEST_NAME} next to {spec}: layout read from the first sample"])
