@@ -16,7 +16,10 @@ if [ -z "$WHEEL" ]; then
   echo "building mmcv 2.1.0 with ops from source (about 6-10 minutes, cached in $CACHE)"
   # mmcv's setup.py imports pkg_resources: build with an old setuptools, then restore.
   $PIP install -q "setuptools<70" wheel ninja
-  MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} $PIP wheel --no-build-isolation --no-deps -w "$CACHE.tmp.$$" mmcv==2.1.0
+  # -g0: no debug info (Python's CFLAGS carry -g); halves the compile (14.5 vs ~29 CPU-minutes
+  # on 2 cores, 8.5 min wall) and the wheel (1.4 MB vs 32 MB).
+  CFLAGS="${CFLAGS:-} -g0" MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
+    $PIP wheel --no-cache-dir --no-build-isolation --no-deps -w "$CACHE.tmp.$$" mmcv==2.1.0
   mv "$CACHE.tmp.$$"/mmcv-2.1.0-*.whl "$CACHE"/ && rm -rf "$CACHE.tmp.$$"
   $PIP install -q "setuptools>=77"
   WHEEL=$(ls "$CACHE"/mmcv-2.1.0-*.whl | head -n1)
