@@ -79,18 +79,22 @@ class ShardSetWriter:
         shutil.rmtree(self.parts, ignore_errors=True)
         (self.out / MANIFEST_NAME).unlink(missing_ok=True)
 
-    def done(self) -> set[int]:
-        """Indices whose tar and record both exist and agree in size (others are redone)."""
-        done = set()
-        for rec in self.parts.glob("*.json"):
-            index = int(rec.stem.rsplit("-", 1)[1])
-            tar = self.out / shard_name(index)
+    def _finished(self) -> dict[int, dict]:
+        """Records of the shards whose tar and record both exist and agree in size."""
+        finished = {}
+        for path in self.parts.glob("*.json"):
+            index = int(path.stem.rsplit("-", 1)[1])
             try:
-                if tar.stat().st_size == json.loads(rec.read_text())["bytes"]:
-                    done.add(index)
+                record = json.loads(path.read_text())
+                if (self.out / shard_name(index)).stat().st_size == record["bytes"]:
+                    finished[index] = record
             except (OSError, ValueError, KeyError):
                 pass  # missing tar, or a record cut short: regenerate the shard
-        return done
+        return finished
+
+    def done(self) -> set[int]:
+        """Indices of finished shards (the others are redone)."""
+        return set(self._finished())
 
     # -- writing -----------------------------------------------------------------------
     def write_shard(self, index: int, samples: Iterable[dict], stats: dict) -> dict:
@@ -116,9 +120,8 @@ class ShardSetWriter:
         return record
 
     def records(self) -> list[dict]:
-        done = self.done()
-        recs = [json.loads((self.parts / f"shard-{i:06d}.json").read_text()) for i in sorted(done)]
-        return recs
+        finished = self._finished()
+        return [finished[i] for i in sorted(finished)]
 
     def write_manifest(self) -> dict:
         """Rebuild dataset.json from the header and every finished shard's record."""

@@ -13,7 +13,7 @@ CACHE=${IOSD_WHEEL_CACHE:-$HOME/.cache/iosd/wheels}/$TAG
 mkdir -p "$CACHE"
 WHEEL=$(ls "$CACHE"/mmcv-2.1.0-*.whl 2>/dev/null | head -n1 || true)
 if [ -z "$WHEEL" ]; then
-  echo "building mmcv 2.1.0 with ops from source (about 6-10 minutes, cached in $CACHE)"
+  echo "building mmcv 2.1.0 with ops from source (about 9 minutes on 2 cores, cached in $CACHE)"
   # mmcv's setup.py imports pkg_resources: build with an old setuptools, then restore.
   $PIP install -q "setuptools<70" wheel ninja
   # -g0: no debug info (Python's CFLAGS carry -g); halves the compile (14.5 vs ~29 CPU-minutes

@@ -85,6 +85,8 @@ def test_rerun_resumes_and_reproduces_missing_shards(tmp_path, shapes_set):
     # an interrupted run: shard 1 never finished (temp file left behind), shard 2 lost its record
     (out / "shard-000001.tar").rename(out / ".shard-000001.tar.tmp-999")
     (out / ".parts" / "shard-000002.json").unlink()
+    with open(out / "shard-000000.tar", "r+b") as f:  # shard 0 cut short after it was recorded
+        f.truncate(1000)
     manifest = read_manifest(out)
     assert not manifest["complete"] or len(manifest["shards"]) == 3
     again = make_shapes_set(out)
