@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -91,6 +92,8 @@ def test_rerun_resumes_and_reproduces_missing_shards(tmp_path, shapes_set):
     assert not manifest["complete"] or len(manifest["shards"]) == 3
     again = make_shapes_set(out)
     assert again["complete"] and shard_hashes(out) == first
+    on_disk = {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in first}
+    assert on_disk == first  # the files themselves, not only the manifest's record of them
 
 
 def test_different_config_is_refused_unless_overwrite(tmp_path):
