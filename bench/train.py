@@ -4,7 +4,7 @@ Prints, in one run on one shard set: samples/s of the loader alone (read tar, de
 collate, in DataLoader workers), of optimizer steps on batches already in memory, and of
 real training (loader feeding the steps), plus the ratio real / in-memory (1.0 means the
 loader costs nothing). Without ``--shards`` it first writes a shapes-world set with the
-tiny model. Run: ``python bench/train.py [--shards DIR] [--head iosd] [--workers N]``.
+tiny model. Run: ``python bench/train.py [--shards DIR] [--head iosd-lite] [--workers N]``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from iosd.train.heads import KINDS
 from iosd.train.trainer import TrainConfig, Trainer
 
 
@@ -33,7 +34,7 @@ def rate(samples: int, seconds: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shards", default=None, help="shard directory [default: write 200 shapes samples to a temp dir]")
-    parser.add_argument("--head", default="iosd", choices=["iosd", "gd"])
+    parser.add_argument("--head", default="iosd-lite", choices=list(KINDS))
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=40, help="batches timed per measurement")
     parser.add_argument("--workers", type=int, default=None)

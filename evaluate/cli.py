@@ -9,6 +9,9 @@ from pathlib import Path
 import click
 
 from iosd.errors import UserError, user_errors
+from iosd.recipes import recipe_names
+
+RECIPES = ", ".join(recipe_names())
 
 
 def _resolve_run(checkpoint: str | None, runs_root: str) -> Path:
@@ -34,23 +37,36 @@ def _check_split(info: dict, classes: str | None, split: int | None):
     return trained
 
 
+def _protocol(info: dict, recipe: str | None, given: dict):
+    """The evaluation settings: the recipe's (the checkpoint's own unless named), then the user's."""
+    from iosd.recipes import FAST_RECIPE, check_recipe_layout, recipe_of, resolve
+
+    own = recipe_of(info)
+    name = recipe or own or FAST_RECIPE
+    check_recipe_layout(name, own, [p for p, _ in info["layout"]["layers"]], "the checkpoint")
+    return resolve(name, "eval", given, classes=(info.get("classes") or {}).get("name"))
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--recipe", default=None, help=f"one of {RECIPES}: published protocol the options marked [recipe] default to [default: the checkpoint's]")
+@click.option("--show-config", is_flag=True, help="print the resolved settings and where each comes from, then exit")
 @click.option("--checkpoint", default=None, help="run directory of iosd-train [default: the most recent run under runs/]")
 @click.option("--classes", default=None, help="class set; must match the checkpoint's [default: the checkpoint's]")
 @click.option("--split", type=int, default=None, help="class split; must match the checkpoint's")
 @click.option("--test-shards", default=None, type=click.Path(path_type=Path), help="test shard directory [default: beside the training shards, '<dir>-test', or '<dir>-test2' with --objects 2]; built when missing")
-@click.option("--images-per-class", type=int, default=50, help="test images generated per class (with --objects 2: per class and prompt group)")
+@click.option("--images-per-class", type=int, default=None, help="test images generated per class (with --objects 2: per class and prompt group) [recipe]")
 @click.option("--objects", type=click.Choice(["1", "2"]), default="1", help="objects per test prompt; 2 scores GD's groups seen+seen, seen+unseen, unseen+unseen")
-@click.option("--min-score", "gt_min_score", type=float, default=0.8, help="teacher confidence for a mask to count as ground truth (IOSD)")
-@click.option("--threshold", type=float, default=0.5, help="sigmoid threshold of the head's masks")
+@click.option("--min-score", "gt_min_score", type=float, default=None, help="teacher confidence for a mask to count as ground truth [recipe]")
+@click.option("--threshold", type=float, default=None, help="sigmoid threshold of the head's masks [recipe]")
 @click.option("--report", "report_dir", default=None, type=click.Path(path_type=Path), help="report directory [default: RUN/eval-<test set>]")
 @click.option("--batch-size", type=int, default=16)
 @click.option("--device", default="auto")
 @click.option("--runs", "runs_root", default="runs", help="where a bare iosd-eval looks for the latest run")
 @click.option("--quiet", is_flag=True)
 @user_errors
-def main(checkpoint, classes, split, test_shards, images_per_class, objects, gt_min_score, threshold, report_dir, batch_size, device, runs_root, quiet) -> None:
-    """Score a head (and the DAAM baseline) on 50 generated images per seen and unseen class."""
+def main(recipe, show_config, checkpoint, classes, split, test_shards, images_per_class, objects, gt_min_score, threshold, report_dir, batch_size, device, runs_root, quiet) -> None:
+    """Score a head (and the DAAM baseline) on generated images of every seen and unseen class
+    (50 each in the papers' protocol). Options marked [recipe] default to the recipe's value."""
     from rich.console import Console
 
     from iosd.evaluate.report import print_table, writable_dir, write_report
@@ -61,14 +77,23 @@ def main(checkpoint, classes, split, test_shards, images_per_class, objects, gt_
     from iosd.schema import MANIFEST_NAME
     from iosd.train.checkpoint import load_head
 
-    if images_per_class <= 0 or batch_size <= 0:
-        raise UserError("--images-per-class and --batch-size must be positive", "pass numbers > 0")
-    if not 0 < threshold < 1:
-        raise UserError(f"--threshold {threshold} is outside (0, 1)", "pass e.g. 0.5")
     console = Console(stderr=True)
     run = _resolve_run(checkpoint, runs_root)
     dev = str(pick_device(device))
     head, info = load_head(run, dev)
+    protocol = _protocol(info, recipe, {"images_per_class": images_per_class, "gt_min_score": gt_min_score, "threshold": threshold})
+    if show_config:
+        from iosd.recipes import show_config as show_resolved
+
+        show_resolved(protocol)
+        return
+    images_per_class, gt_min_score, threshold = (protocol.values[k] for k in ("images_per_class", "gt_min_score", "threshold"))
+    if images_per_class <= 0 or batch_size <= 0:
+        raise UserError("--images-per-class and --batch-size must be positive", "pass numbers > 0")
+    if not 0 < threshold < 1:
+        raise UserError(f"--threshold {threshold} is outside (0, 1)", "pass e.g. 0.5")
+    if not 0 <= gt_min_score <= 1:
+        raise UserError(f"--min-score {gt_min_score} is outside 0..1", "pass a teacher confidence, e.g. 0.8")
     split_ = _check_split(info, classes, split)
     if report_dir is not None:
         writable_dir(report_dir)
@@ -90,12 +115,14 @@ def main(checkpoint, classes, split, test_shards, images_per_class, objects, gt_
     provenance = {
         "checkpoint": {"run": str(run), "step": info.get("step"), "head": info["head"].get("kind"), "train_shards": info.get("shards")},
         "test_shards": {"dir": str(test_dir), "manifest_sha256": hashlib.sha256((test_dir / MANIFEST_NAME).read_bytes()).hexdigest(), "images": total, "masks_meaningful": manifest.get("masks_meaningful")},
-        "protocol": {"gt_min_score": gt_min_score, "threshold": threshold, "images_per_class": (manifest.get("config") or {}).get("images_per_class"), "objects": objects},
+        "protocol": {"recipe": protocol.record(), "metric": protocol.values["metric"], "gt_min_score": gt_min_score, "threshold": threshold, "images_per_class": (manifest.get("config") or {}).get("images_per_class"), "objects": objects},
         "counts": {"images": scores.images, "filtered": scores.filtered, **({"group_images": scores.group_images} if groups else {})},
     }
     out = report_dir or (run / f"eval-{test_dir.name}")
     written = write_report(out, results, provenance, scores.examples, groups=groups)
     print_table(results, console=Console(), groups=groups)
+    headline = {"per-image": "the mean per-image IoU pooled over each subset's images (IOSD)", "per-class": "the mean of per-class IoUs (GD)"}[protocol.values["metric"]]
+    console.print(f"recipe {protocol.recipe}: its published number is {headline}")
     if not manifest.get("masks_meaningful", True):
         console.print("[yellow]note:[/] the teacher of these test shards has random weights: its masks are meaningless")
     click.echo(json.dumps({"report": str(written["json"]), "markdown": str(written["md"])}))

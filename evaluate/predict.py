@@ -20,10 +20,10 @@ def predict(run: Path, prompt: str | None, names: list[str], *, out: Path, image
 
     from iosd.evaluate.report import safe_name
     from iosd.pipeline.capture import FeatureCapture
-    from iosd.pipeline.generate import IMAGE_SOURCE_T
-    from iosd.pipeline.models import encode_images, load_model
+    from iosd.pipeline.generate import IMAGE_SOURCE_T, default_prompt, load_configured
+    from iosd.pipeline.models import encode_images
     from iosd.pipeline.sources import diffuse, renoised_pass
-    from iosd.pipeline.text import class_embeddings
+    from iosd.pipeline.text import QuerySpec, class_embeddings
     from iosd.train.checkpoint import load_head
     from iosd.viz import overlay, save_png_atomic
 
@@ -36,14 +36,14 @@ def predict(run: Path, prompt: str | None, names: list[str], *, out: Path, image
     gen = info.get("generation") or {}
     if not gen:
         raise UserError(f"{run} does not record the model its shards came from", "retrain with this iosd")
-    loaded = load_model(gen["model"], device=device, revision=gen.get("revision"))
+    loaded = load_configured(gen, device)
     head = head.to(loaded.device)
     size = int(gen["resolution"])
     layers = tuple(p for p, _ in info["layout"]["layers"])
-    template = info["embedding"]["template"]
+    query = QuerySpec.from_record(info["embedding"])
     if prompt is None:
-        prompt = template.format(names[0]) + "".join(f" and a {n}" for n in names[1:])
-    with FeatureCapture(loaded.pipe.unet, layers) as capture:
+        prompt = default_prompt(gen, names)
+    with FeatureCapture(loaded.pipe.unet, layers, halves=gen.get("halves") or "cond") as capture:
         if image is not None:
             pixels = load_image(image, size)[None]
             t = gen.get("feature_t") if gen.get("feature_t") is not None else IMAGE_SOURCE_T
@@ -51,7 +51,7 @@ def predict(run: Path, prompt: str | None, names: list[str], *, out: Path, image
         else:
             produced = diffuse(loaded, capture, [prompt], [seed], steps=int(gen["steps"]), size=size, guidance=float(gen["guidance"]), feature_step=int(gen["feature_step"]), feature_t=gen.get("feature_t"))
             pixels, feats = produced.images, produced.features
-    queries = torch.from_numpy(class_embeddings(loaded.pipe, names, template))[None].to(loaded.device)
+    queries = torch.from_numpy(class_embeddings(loaded.pipe, names, query))[None].to(loaded.device)
     feats = {p: t.to(loaded.device, torch.float32) for p, t in feats.items()}
     logits = head(feats, queries, torch.ones(1, len(names), dtype=torch.bool, device=loaded.device)).float()
     probs = torch.sigmoid(F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False))[0].cpu().numpy()

@@ -19,7 +19,7 @@ from iosd.pipeline.generate import GenConfig
 from iosd.schema import MANIFEST_NAME
 
 # generation options a test set copies from the training shards
-COPIED = ("classes", "split", "source", "model", "revision", "template", "template2", "steps", "guidance", "resolution", "batch_size", "layers", "feature_dtype", "codec", "feature_t", "feature_step", "teacher_config", "teacher_checkpoint", "score_thr", "mask_thr", "seed")
+COPIED = ("recipe", "classes", "split", "source", "model", "revision", "template", "template2", "scheduler", "steps", "guidance", "resolution", "batch_size", "layers", "halves", "feature_dtype", "codec", "feature_t", "feature_step", "query_template", "query_pooling", "query_hidden", "gt", "teacher_config", "teacher_checkpoint", "score_thr", "mask_thr", "seed")
 
 
 def default_test_dir(info: dict, objects: str = "1") -> Path:

@@ -6,18 +6,55 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 from iosd.errors import UserError
 from iosd.schema import MANIFEST_NAME, SCHEMA_VERSION
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status);
+    elsewhere set and restored under a lock (os.umask is process-wide: another thread
+    creating a file in that instant would get the wrong mode, so only iosd's own writers,
+    which hold the lock, are kept out)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def mkstemp_shared(path: str | Path, *, suffix: str = ".tmp") -> tuple[int, str]:
+    """``tempfile.mkstemp`` beside ``path`` (a hidden name), with the mode any other tool's
+    output gets: 0o666 less the umask, not mkstemp's owner-only 0o600. For writers that
+    fill the temp file and then rename it over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    except BaseException:
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return fd, tmp
+
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write text to a temp name in the same directory, fsync, then rename over ``path``:
-    a reader sees the old file or the new one, never half of one."""
+    a reader sees the old file or the new one, never half of one. The file gets the mode
+    of any other tool's output (0o666 less the umask)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = mkstemp_shared(path)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

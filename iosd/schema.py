@@ -43,7 +43,8 @@ REQUIRED_EXTS = (EXT_IMAGE, EXT_META, EXT_MASKS, EXT_EMB, EXT_FEAT)
 KEPT = "kept"
 EMPTY_MASK = "empty_mask"
 LOW_SCORE = "low_score"
-DECISIONS = (KEPT, EMPTY_MASK, LOW_SCORE)
+NOT_TARGET = "not_target"  # shown in the prompt but never supervised (IOSD's negative class)
+DECISIONS = (KEPT, EMPTY_MASK, LOW_SCORE, NOT_TARGET)
 
 # two-object test prompts, grouped as GD's Table 1: which subsets the two classes come from
 PAIR_GROUPS = ("seen+seen", "seen+unseen", "unseen+unseen")

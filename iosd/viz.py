@@ -7,13 +7,13 @@ figures) so that all pictures use the same colours and layout.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from iosd.errors import UserError
+from iosd.manifest import mkstemp_shared
 
 # Distinct, saturated colours (Tableau-like), cycled when there are more masks.
 PALETTE = np.array(
@@ -148,7 +148,7 @@ def save_png_atomic(img: Image.Image, path: str | Path) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = mkstemp_shared(path)  # 0o666 less the umask, like any other tool's output
     except OSError as err:
         raise UserError(f"cannot write {path} ({err.strerror})", "choose a writable location") from None
     try:

@@ -1,4 +1,4 @@
-"""``iosd-gen``: build prompts, run SDXL-Turbo, cache features, label with the teacher, write shards."""
+"""``iosd-gen``: build prompts, run the diffusion model, cache features, label with the teacher, write shards."""
 
 from __future__ import annotations
 
@@ -8,52 +8,74 @@ import click
 
 from iosd.errors import user_errors
 from iosd.featstore import CODECS, DEFAULT_CODEC
-from iosd.layers import DEFAULT_PRESET, FEATURE_DTYPES
-from iosd.pipeline.models import DEFAULT_MODEL
-from iosd.pipeline.prompts import GD_TEMPLATE, GD_TEMPLATE_2
+from iosd.layers import FEATURE_DTYPES, PRESETS
+from iosd.pipeline.teacher import GT_RULES
+from iosd.pipeline.text import HIDDEN_STATES, POOLINGS
+from iosd.recipes import HALVES, SCHEDULERS, recipe_names
+from iosd.recipes import show_config as show_resolved
+
+RECIPES = ", ".join(recipe_names())
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--recipe", default=None, help=f"one of {RECIPES}: published configuration the other options default to [default: iosd; fast for --model tiny]")
+@click.option("--show-config", is_flag=True, help="print the resolved settings and where each comes from, then exit")
 @click.option("--classes", default="coco", help="class set: pascal, coco, shapes, or a JSON file with seen/unseen lists")
 @click.option("--split", type=int, default=1, help="class split 1..3")
 @click.option("--subset", type=click.Choice(["seen", "unseen", "all"]), default="seen", help="which classes prompts draw from (training uses seen)")
-@click.option("--source", type=click.Choice(["diffusion", "shapes"]), default="diffusion", help="diffusion: SDXL images + teacher; shapes: built-in world with exact masks")
-@click.option("--model", default=DEFAULT_MODEL, help="hub id, local diffusers directory, or 'tiny' (embedded random-weight SDXL)")
+@click.option("--source", type=click.Choice(["diffusion", "shapes"]), default="diffusion", help="diffusion: generated images + teacher; shapes: built-in world with exact masks")
+@click.option("--model", default=None, help="hub id, local diffusers directory (SDXL or SD 1.x/2.x), 'tiny' or 'tiny-sd1' (embedded random-weight stand-ins) [recipe]")
 @click.option("--revision", default=None, help="hub revision (commit, branch or tag)")
 @click.option("--num-samples", type=int, default=1000, help="samples written, after filtering")
 @click.option("--shard-size", type=int, default=100, help="samples per shard")
 @click.option("--seed", type=int, default=0)
 @click.option("--out", default=None, help="output directory [default: shards/<classes><split>]")
-@click.option("--objects", type=click.Choice(["1", "2", "mix"]), default="1", help="objects per prompt")
-@click.option("--template", default=GD_TEMPLATE, help="one-object prompt template")
-@click.option("--template2", default=GD_TEMPLATE_2, help="two-object prompt template (--objects 2 or mix)")
-@click.option("--negative", is_flag=True, help="IOSD's negative-class prompt: the query and a random other class")
-@click.option("--steps", type=int, default=1, help="denoising steps (SDXL-Turbo: 1-4)")
-@click.option("--resolution", type=int, default=None, help="image side in pixels [default: 512; 128 for --model tiny]")
+@click.option("--objects", type=click.Choice(["1", "2", "mix"]), default=None, help="objects per prompt [recipe]")
+@click.option("--template", default=None, help="one-object prompt template [recipe]")
+@click.option("--template2", default=None, help="two-object and negative-class prompt template [recipe]")
+@click.option("--negative", is_flag=True, help="IOSD's negative-class prompt (DSFP): the query and a random other class; only the query is supervised")
+@click.option("--scheduler", type=click.Choice(SCHEDULERS), default=None, help="the pipeline's own scheduler, or DDIM [recipe]")
+@click.option("--steps", type=int, default=None, help="denoising steps [recipe]")
+@click.option("--guidance", type=float, default=None, help="classifier-free guidance scale [recipe]")
+@click.option("--resolution", type=int, default=None, help="image side in pixels [recipe; 128 for the tiny models]")
 @click.option("--batch-size", type=int, default=4)
-@click.option("--layers", default=DEFAULT_PRESET, help="feature preset (compact, iosd, gd) or comma-separated UNet module paths")
-@click.option("--feature-dtype", type=click.Choice(FEATURE_DTYPES), default="float16")
+@click.option("--layers", default=None, help=f"feature preset ({', '.join(PRESETS)}) or comma-separated UNet module paths [recipe]")
+@click.option("--halves", type=click.Choice(HALVES), default=None, help="under guidance, capture the conditional half or both halves side by side (GD) [recipe]")
+@click.option("--feature-dtype", type=click.Choice(FEATURE_DTYPES), default=None, help="[recipe]")
 @click.option("--codec", type=click.Choice(list(CODECS)), default=DEFAULT_CODEC, help="feature compression")
-@click.option("--feature-t", type=int, default=None, help="capture in an extra UNet pass on the final latent re-noised to this timestep [default: the last denoising step; 50 for image sources]")
-@click.option("--feature-step", type=int, default=-1, help="denoising call to capture (negative counts from the end)")
+@click.option("--feature-t", type=int, default=None, help="capture in an extra UNet pass on the final latent re-noised to this timestep [default: the denoising step; 50 for image sources]")
+@click.option("--feature-step", type=int, default=None, help="denoising call to capture, negative counts from the end [recipe]")
+@click.option("--query-template", default=None, help="text whose class-name tokens give the query embedding [recipe]")
+@click.option("--query-pooling", type=click.Choice(POOLINGS), default=None, help="the name's tokens averaged, or its first token [recipe]")
+@click.option("--query-hidden", type=click.Choice(HIDDEN_STATES), default=None, help="text-encoder layer of the query [recipe]")
+@click.option("--gt", type=click.Choice(GT_RULES), default=None, help="a class's mask: the top teacher instance, or the union of its instances [recipe]")
 @click.option("--teacher-config", default=None, help="mmdet config name or path [default: Mask R-CNN Swin-S 3x COCO]")
 @click.option("--teacher-checkpoint", default=None, help="teacher checkpoint path or URL")
-@click.option("--min-score", type=float, default=None, help="drop a class whose best teacher score is lower [default: 0.8; 0 for the tiny teacher]")
-@click.option("--score-thr", type=float, default=None, help="teacher detection score threshold [default: 0.05 (GD); 0 for the tiny teacher]")
-@click.option("--mask-thr", type=float, default=0.5, help="teacher mask binarisation threshold")
+@click.option("--min-score", type=float, default=None, help="drop a class whose teacher score is lower [recipe; 0 for exact masks and the tiny teacher]")
+@click.option("--score-thr", type=float, default=None, help="teacher detection score threshold [recipe; 0 for the tiny teacher]")
+@click.option("--mask-thr", type=float, default=None, help="teacher mask binarisation threshold [recipe]")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 @click.option("--workers", type=int, default=2, help="threads that encode and compress samples")
 @click.option("--overwrite", is_flag=True, help="replace a shard set generated with a different config")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @user_errors
-def main(**options) -> None:
-    """Generate training shards: prompts -> SDXL-Turbo -> cached UNet features -> Mask R-CNN masks."""
+def main(show_config: bool, **options) -> None:
+    """Generate training shards: prompts -> diffusion -> cached UNet features -> Mask R-CNN masks.
+
+    Options marked [recipe] default to the recipe's value (--show-config lists them).
+    """
     from iosd.pipeline.generate import GenConfig, generate
 
-    manifest, times = generate(GenConfig(**options))
+    cfg = GenConfig(**options)
+    if show_config:
+        filled, resolved = cfg.with_recipe()
+        filled.resolved()  # the same checks a run makes
+        show_resolved(resolved)
+        return
+    manifest, times = generate(cfg)
     if manifest:
         counts = manifest.get("counts", {})
-        summary = {"out": manifest["config"]["out"], "shards": len(manifest["shards"]), "written": counts.get("written", 0), "candidates": counts.get("candidates", 0), "dropped_samples": counts.get("dropped_samples", 0), "complete": manifest["complete"], "seconds": {k: round(v, 2) for k, v in times.seconds.items()}}
+        summary = {"out": manifest["config"]["out"], "recipe": manifest["recipe"]["name"], "shards": len(manifest["shards"]), "written": counts.get("written", 0), "candidates": counts.get("candidates", 0), "dropped_samples": counts.get("dropped_samples", 0), "complete": manifest["complete"], "seconds": {k: round(v, 2) for k, v in times.seconds.items()}}
         click.echo(json.dumps(summary))
 
 

@@ -14,6 +14,10 @@ probabilities it used. Aggregation follows castorini/daam (``daam/trace.py``,
 - for a mask: bicubic upsampling to the image size, min-max normalisation, threshold 0.4.
 - the mid block is left out, as DAAM's locator does by default (``locate_middle_block=False``).
 
+The same code serves both model families (iosd.pipeline.families): SDXL's cross-attention
+at two latent sizes, SD 1.x/2.x's at three (DAAM's own setting); token spans come from the
+pipeline's first tokenizer (the only one on SD), whose positions the second one shares on SDXL.
+
 To bound memory, maps are summed on the fly into one (B, h*w, tokens) tensor per latent
 size; DAAM clamps each (layer, head) map separately, here the clamp acts on the sum at each
 size (bicubic undershoot of non-negative maps is small either way).

@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from iosd.schema import EMPTY_MASK, KEPT, LOW_SCORE, ClassRecord
+from iosd.schema import EMPTY_MASK, KEPT, LOW_SCORE, NOT_TARGET, ClassRecord
 
 
-def judge(names: list[str], masks: list[np.ndarray], scores: list[float], subsets: dict[str, str], min_score: float) -> tuple[list[ClassRecord], np.ndarray]:
-    """Class records with decisions, and the (K, H, W) uint8 masks of the kept classes."""
+def judge(names: list[str], masks: list[np.ndarray], scores: list[float], subsets: dict[str, str], min_score: float,
+          targets: list[str] | None = None) -> tuple[list[ClassRecord], np.ndarray]:
+    """Class records with decisions, and the (K, H, W) uint8 masks of the kept classes.
+
+    A class outside ``targets`` (default: every class) is recorded but never kept.
+    """
     records, kept = [], []
     for name, mask, score in zip(names, masks, scores, strict=True):
         pixels = int(mask.sum())
-        if pixels == 0:
+        if targets is not None and name not in targets:
+            decision = NOT_TARGET
+        elif pixels == 0:
             decision = EMPTY_MASK
         elif score < min_score:
             decision = LOW_SCORE

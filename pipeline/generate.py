@@ -23,19 +23,30 @@ import torch
 from iosd.classes import ClassSplit, load_split
 from iosd.errors import UserError
 from iosd.featstore import DEFAULT_CODEC, encode_features
-from iosd.layers import DEFAULT_PRESET, layer_key, resolve_layers
+from iosd.layers import check_family, layer_key, resolve_layers
 from iosd.pipeline.capture import FeatureCapture
 from iosd.pipeline.filter import judge
-from iosd.pipeline.models import DEFAULT_MODEL, TINY, LoadedModel, load_model
-from iosd.pipeline.prompts import GD_TEMPLATE, GD_TEMPLATE_2, PromptSpec, make_prompt
+from iosd.pipeline.models import LoadedModel, load_model
+from iosd.pipeline.prompts import PromptSpec, make_prompt
 from iosd.pipeline.sources import SOURCES, Produced, diffuse, renoised_pass, shapes_world
-from iosd.pipeline.text import class_embeddings, embedding_spec, find_token_span
+from iosd.pipeline.teacher import GT_RULES
+from iosd.pipeline.text import (
+    QuerySpec,
+    class_embeddings,
+    coinciding_queries,
+    embedding_spec,
+    find_token_span,
+)
+from iosd.pipeline.tiny import TINY_RESOLUTION
 from iosd.pipeline.writer import ShardSetWriter
+from iosd.recipes import CPU_STAND_INS, HALVES, SCHEDULERS, Resolved, default_recipe, resolve
 from iosd.schema import KEPT, PAIR_GROUPS, Sample, encode_sample, sample_key
 
 STREAMS = {"train": 0, "test": 1}  # test seeds never collide with training seeds
 PAIRS_TAG = 0x70616972  # "pair": the two-object plan's own random stream, apart from candidates'
 IMAGE_SOURCE_T = 50  # default re-noising timestep for image sources (GD: features near the end)
+IMAGE_SOURCES = ("shapes",)  # sources with exact masks, features from a re-noised pass
+
 # Fields that do not change a shard's content: changing them never invalidates a set.
 # (batch_size stays in the identity: batched kernels round differently per batch size.)
 NON_IDENTITY = ("out", "device", "workers", "overwrite", "quiet")
@@ -43,34 +54,43 @@ NON_IDENTITY = ("out", "device", "workers", "overwrite", "quiet")
 
 @dataclass
 class GenConfig:
+    """Options of one generation. Those left None are filled from the recipe (``resolved``)."""
+
+    recipe: str | None = None
     classes: str = "coco"
     split: int = 1
     subset: str = "seen"
     source: str = "diffusion"
-    model: str = DEFAULT_MODEL
+    model: str | None = None
     revision: str | None = None
     num_samples: int = 1000
     shard_size: int = 100
     seed: int = 0
     out: str | None = None
-    objects: str = "1"
-    template: str = GD_TEMPLATE
-    template2: str = GD_TEMPLATE_2
+    objects: str | None = None
+    template: str | None = None
+    template2: str | None = None
     negative: bool = False
-    steps: int = 1
-    guidance: float = 0.0
+    scheduler: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
     resolution: int | None = None
     batch_size: int = 4
-    layers: str = DEFAULT_PRESET
-    feature_dtype: str = "float16"
+    layers: str | None = None
+    halves: str | None = None
+    feature_dtype: str | None = None
     codec: str = DEFAULT_CODEC
     feature_t: int | None = None
-    feature_step: int = -1
+    feature_step: int | None = None
+    query_template: str | None = None
+    query_pooling: str | None = None
+    query_hidden: str | None = None
+    gt: str | None = None
     teacher_config: str | None = None
     teacher_checkpoint: str | None = None
     min_score: float | None = None
     score_thr: float | None = None
-    mask_thr: float = 0.5
+    mask_thr: float | None = None
     stream: str = "train"
     images_per_class: int | None = None
     keep_rejected: bool = False
@@ -80,9 +100,29 @@ class GenConfig:
     overwrite: bool = False
     quiet: bool = False
 
-    def resolved(self) -> GenConfig:
-        """Fill defaults that depend on other options and check every value."""
+    def with_recipe(self) -> tuple[GenConfig, Resolved]:
+        """A copy with every option the user left None taken from the recipe, and the record of it."""
         c = GenConfig(**asdict(self))
+        if c.recipe is None:
+            c.recipe = default_recipe(c.model)
+        given = {k: v for k, v in asdict(c).items()}
+        resolved = resolve(c.recipe, "gen", given, classes=c.classes)
+        for name, value in resolved.values.items():
+            setattr(c, name, value)
+        # CPU stand-ins: 128 px, and a random-weight teacher that never reaches the papers' scores
+        if c.model in CPU_STAND_INS and self.resolution is None:
+            c.resolution = TINY_RESOLUTION
+            resolved.origin["resolution"].update(value=c.resolution, source="the tiny model's native 128 px")
+        if self.tiny_teacher or c.source in IMAGE_SOURCES:
+            for name in ("min_score", "score_thr"):
+                if getattr(self, name) is None:
+                    setattr(c, name, 0.0)
+                    resolved.origin[name].update(value=0.0, source="exact masks or a random-weight teacher: no confidence to filter on")
+        return c, resolved
+
+    def resolved(self) -> GenConfig:
+        """Fill defaults (the recipe's, then those that depend on other options) and check every value."""
+        c, _ = self.with_recipe()
         for name in ("num_samples", "shard_size", "batch_size", "steps", "workers"):
             if getattr(c, name) is not None and getattr(c, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(c, name)})", "pass a number > 0")
@@ -94,41 +134,68 @@ class GenConfig:
             raise UserError(f"--source shapes draws the shapes world, not {c.classes!r} classes", "pass --classes shapes")
         if c.stream not in STREAMS:
             raise UserError(f"unknown stream {c.stream!r}", "use train or test")
-        if c.steps > 50:
-            raise UserError(f"--steps {c.steps} is far beyond SDXL-Turbo's 1-4", "pass --steps 1 to 4")
+        if c.steps > 1000:
+            raise UserError(f"--steps {c.steps} is beyond the 1000 training timesteps", "pass e.g. 1 (SDXL-Turbo) or 50 (SD v1, DDIM)")
         if not -c.steps <= c.feature_step < c.steps:
             raise UserError(f"--feature-step {c.feature_step} is not one of the {c.steps} denoising calls", f"pass a step in {-c.steps}..{c.steps - 1} (-1 is the last)")
-        if c.resolution is None:
-            c.resolution = 128 if c.model == TINY else 512
+        if c.scheduler not in SCHEDULERS:
+            raise UserError(f"unknown --scheduler {c.scheduler!r}", f"use one of {', '.join(SCHEDULERS)}")
+        if c.halves not in HALVES:
+            raise UserError(f"unknown --halves {c.halves!r}", f"use one of {', '.join(HALVES)}")
+        if c.halves == "both" and c.guidance <= 1.0 and c.source == "diffusion":
+            raise UserError(f"--halves both needs classifier-free guidance, but --guidance is {c.guidance}", "pass --guidance > 1 (GD: 5) or --halves cond")
+        if c.gt not in GT_RULES:
+            raise UserError(f"unknown --gt {c.gt!r}", f"use one of {', '.join(GT_RULES)}")
         if c.resolution <= 0 or c.resolution % 32:
             raise UserError(f"--resolution {c.resolution} is not a positive multiple of 32", "use e.g. 512")
-        if c.source == "shapes" and c.feature_t is None:
+        if c.source in IMAGE_SOURCES and c.feature_t is None:
             c.feature_t = IMAGE_SOURCE_T
         if c.feature_t is not None and not 0 <= c.feature_t < 1000:
             raise UserError(f"--feature-t {c.feature_t} is outside 0..999", "pass a timestep in 0..999")
-        if c.min_score is not None and not 0 <= c.min_score <= 1:
-            raise UserError(f"--min-score {c.min_score} is outside 0..1", "pass a teacher confidence, e.g. 0.8")
-        tiny_teacher = self.tiny_teacher
-        if c.min_score is None:
-            c.min_score = 0.0 if tiny_teacher or c.source == "shapes" else 0.8
-        if c.score_thr is None:
-            c.score_thr = 0.0 if tiny_teacher else 0.05
+        for name in ("min_score", "score_thr", "mask_thr"):
+            if not 0 <= getattr(c, name) <= 1:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(c, name)} is outside 0..1", "pass a teacher confidence, e.g. 0.8")
         if c.images_per_class is not None:
             c.keep_rejected = True  # evaluation counts filtered images
             c.num_samples = None  # type: ignore[assignment]
         if c.out is None:
             c.out = os.path.join("shards", f"{c.classes}{c.split}" if c.stream == "train" else f"{c.classes}{c.split}-test")
         PromptSpec(c.objects, c.template, c.template2, c.negative).check()
+        self.query_spec_of(c)
         resolve_layers(c.layers)
         return c
 
+    @staticmethod
+    def query_spec_of(c: GenConfig) -> QuerySpec:
+        return QuerySpec(c.query_template, c.query_pooling, c.query_hidden).check()
+
     @property
     def tiny_teacher(self) -> bool:
-        """--model tiny with no teacher options: mmdet's own Mask R-CNN, random weights."""
-        return self.model == TINY and self.teacher_config is None and self.teacher_checkpoint is None
+        """A CPU stand-in model with no teacher options: mmdet's own Mask R-CNN, random weights."""
+        return self.model in CPU_STAND_INS and self.teacher_config is None and self.teacher_checkpoint is None
 
     def identity(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in NON_IDENTITY}
+
+
+def load_configured(gen: dict, device: str) -> LoadedModel:
+    """The model of a generation config (a manifest's "config"), with its scheduler, checked
+    against the config's layer preset; shared by iosd-gen and iosd-predict."""
+    loaded = load_model(gen["model"], device=device, revision=gen.get("revision"))
+    check_family(gen.get("layers") or "", loaded.family, gen["model"])
+    if gen.get("scheduler") == "ddim":
+        from diffusers import DDIMScheduler
+
+        loaded.pipe.scheduler = DDIMScheduler.from_config(loaded.pipe.scheduler.config)
+    return loaded
+
+
+def default_prompt(gen: dict, names: list[str]) -> str:
+    """The prompt iosd-gen would write for these classes: the one- or two-object template."""
+    template = gen.get("template") or "a photograph of a {}"
+    if len(names) == 2 and gen.get("template2"):
+        return gen["template2"].format(*names)
+    return template.format(names[0]) + "".join(f" and a {n}" for n in names[1:])
 
 
 @dataclass
@@ -138,6 +205,7 @@ class Candidate:
     seed: int
     prompt: str
     names: list[str]
+    targets: list[str]  # the names that are supervised (all but IOSD's negative class)
     group: str | None = None  # two-object test prompts: one of PAIR_GROUPS
 
 
@@ -209,8 +277,8 @@ class Plan:
         index = shard * self.cfg.shard_size + attempt
         fixed = self.fixed[index] if self.fixed else None
         query, pair = (None, fixed) if isinstance(fixed, tuple) else (fixed, None)
-        prompt, names = make_prompt(rng, self.classes, self.spec, query, pair=pair)
-        return Candidate(shard, attempt, seed, prompt, names, self.groups[index] if self.groups else None)
+        prompt, names, targets = make_prompt(rng, self.classes, self.spec, query, pair=pair)
+        return Candidate(shard, attempt, seed, prompt, names, targets, self.groups[index] if self.groups else None)
 
     def max_attempts(self, shard: int) -> int:
         return self.target(shard) if self.fixed else 50 * self.target(shard) + 100
@@ -246,7 +314,10 @@ class Generator:
     """Runs one configured generation into one shard directory (this rank's share of it)."""
 
     def __init__(self, cfg: GenConfig) -> None:
-        self.cfg = cfg.resolved()
+        filled, self.recipe = cfg.with_recipe()
+        self.cfg = filled.resolved()
+        if cfg.recipe is None and cfg.model in CPU_STAND_INS and not cfg.quiet and dist_env()[0] == 0:
+            _note(stand_in_note(cfg.model, self.cfg.recipe))
         self.split = load_split(self.cfg.classes, self.cfg.split)
         self.plan = Plan(self.cfg, self.split)
         self.times = StageTimes()
@@ -265,6 +336,7 @@ class Generator:
             mask_thr=self.cfg.mask_thr,
             tiny=self.cfg.tiny_teacher,
             image_size=self.cfg.resolution,
+            gt=self.cfg.gt,
         )
 
     def _probe_shapes(self) -> dict[str, list[int]]:
@@ -275,13 +347,14 @@ class Generator:
         return {p: list(t.shape[1:]) for p, t in feats.items()}
 
     def header(self, shapes: dict[str, list[int]]) -> dict:
-        dtype_bytes = {"float16": 2, "bfloat16": 2, "int8": 1}[self.cfg.feature_dtype]
+        dtype_bytes = {"float16": 2, "bfloat16": 2, "int8": 1, "fp8": 1}[self.cfg.feature_dtype]
         raw = sum(math.prod(s) * dtype_bytes for s in shapes.values())
         teacher = self.teacher.describe() if self.teacher is not None else {"kind": "exact", "source": self.cfg.source}
         meaningful = not teacher.get("random_weights", False)
         notes = [] if meaningful else ["teacher has random weights (--model tiny without teacher options): its masks are meaningless; this set only exercises the machinery"]
         return {
             "kind": "iosd-shards",
+            "recipe": self.recipe.record(),
             "identity": self.cfg.identity(),
             "config": {k: v for k, v in asdict(self.cfg).items() if k not in ("quiet", "overwrite")},
             "classes": self.split.to_json(),
@@ -293,6 +366,7 @@ class Generator:
                 "preset": self.cfg.layers,
                 "dtype": self.cfg.feature_dtype,
                 "codec": self.cfg.codec,
+                "halves": self.cfg.halves,
                 "capture": {"mode": "renoised", "t": self.cfg.feature_t} if self.cfg.feature_t is not None else {"mode": "denoising-step", "step": self.cfg.feature_step},
                 "raw_bytes_per_sample": raw,
             },
@@ -310,15 +384,19 @@ class Generator:
             # leave cores to the encode threads: oversubscribed OpenMP spins slow diffusion ~5x
             torch.set_num_threads(max(1, (os.cpu_count() or 1) - self.cfg.workers))
         t0 = time.perf_counter()
-        self.loaded: LoadedModel = load_model(self.cfg.model, device=self.cfg.device, revision=self.cfg.revision)
+        self.loaded: LoadedModel = load_configured(asdict(self.cfg), self.cfg.device)
         self.times.add("load", time.perf_counter() - t0)
         self.teacher = self._teacher()
         if self.teacher is not None:
             self.teacher.check_classes(list(self.split.subset(self.cfg.subset)))
-        self.capture = FeatureCapture(self.loaded.pipe.unet, resolve_layers(self.cfg.layers)).__enter__()
-        self.embedding_spec = embedding_spec(self.loaded.pipe)
+        self.capture = FeatureCapture(self.loaded.pipe.unet, resolve_layers(self.cfg.layers), halves=self.cfg.halves).__enter__()
+        query = GenConfig.query_spec_of(self.cfg)
+        self.embedding_spec = embedding_spec(self.loaded.pipe, query)
         names = list(self.split.all)
-        self.embeddings = dict(zip(names, class_embeddings(self.loaded.pipe, names), strict=True))
+        self.embeddings = dict(zip(names, class_embeddings(self.loaded.pipe, names, query), strict=True))
+        if query.pooling == "first" and self.rank == 0:
+            for group in coinciding_queries(self.loaded.pipe.tokenizer, names):
+                _warn(f"classes {', '.join(map(repr, group))} share their first token: first-token queries cannot tell them apart (the recipe still runs as published)")
         self.subsets = {**{n: "seen" for n in self.split.seen}, **{n: "unseen" for n in self.split.unseen}}
         self.writer = ShardSetWriter(self.cfg.out, self.header(self._probe_shapes()), self.plan.n_shards, overwrite=self.cfg.overwrite)
         _on_rank0(self.world, self.rank, self.writer.prepare)
@@ -403,7 +481,7 @@ class Generator:
             for b, (cand, (masks, scores)) in enumerate(zip(batch, labels, strict=True)):
                 if len(futures) >= target:
                     break  # later candidates are never used: same shard whatever the batch size
-                records, kept = judge(cand.names, masks, scores, self.subsets, self.cfg.min_score)
+                records, kept = judge(cand.names, masks, scores, self.subsets, self.cfg.min_score, cand.targets)
                 stats["candidates"] += 1
                 for r in records:
                     per_class[r.name][r.decision] += 1
@@ -459,6 +537,22 @@ class Generator:
         manifest = self.writer.write_manifest() if self.rank == 0 else {}
         _barrier(self.world)
         return manifest
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _note(message: str) -> None:
+    import sys
+
+    print(f"note: {message}", file=sys.stderr)
+
+
+def stand_in_note(model: str, recipe: str) -> str:
+    return f"--model {model} is a CPU stand-in: recipe {recipe!r} by default (the published schedules take GPU hours); pass --recipe to choose another"
 
 
 class _progress:

@@ -1,7 +1,10 @@
-"""Load the diffusion model: a hub id or local directory (SDXL-Turbo by default) or ``tiny``."""
+"""Load the diffusion model: a hub id or local directory of an SDXL-class or SD 1.x/2.x
+pipeline (SDXL-Turbo by default), or an embedded random-weight stand-in (``tiny``: SDXL,
+``tiny-sd1``: SD 1.x). The family is read from the pipeline's class (model_index.json)."""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,9 +13,18 @@ import numpy as np
 import torch
 
 from iosd.errors import UserError
+from iosd.pipeline.families import (
+    Family,
+    family_of_class,
+    family_of_pipe,
+    get_family,
+    supported_hint,
+)
 
 DEFAULT_MODEL = "stabilityai/sdxl-turbo"
-TINY = "tiny"
+TINY = "tiny"  # random-weight SDXL (pipeline/tiny.py)
+TINY_SD1 = "tiny-sd1"  # random-weight SD 1.x (pipeline/tiny.py)
+TINY_MODELS = (TINY, TINY_SD1)
 TINY_MODEL_SEED = 0  # the tiny model's identity: gen, train and predict must see the same weights
 
 
@@ -21,7 +33,13 @@ class LoadedModel:
     pipe: object
     device: torch.device
     dtype: torch.dtype
-    info: dict  # recorded in the manifest: id, revision, dtype, resolved path
+    info: dict  # recorded in the manifest: id, revision, dtype, family, resolved path
+    family: str = "sdxl"  # "sdxl" | "sd" (iosd.pipeline.families)
+
+    @property
+    def spec(self) -> Family:
+        """The family object: pipeline class, text encoders, UNet conditioning, VAE scaling."""
+        return get_family(self.family)
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -34,20 +52,25 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def load_model(model: str, *, device: str = "auto", revision: str | None = None) -> LoadedModel:
-    """The SDXL pipeline, fp16 UNet/text encoders on CUDA with an fp32 VAE (it overflows in fp16)."""
+    """The pipeline of ``model`` (SDXL-class or SD 1.x/2.x), fp16 UNet/text encoders on CUDA
+    with an fp32 VAE (SDXL's overflows in fp16); ``info["family"]`` says which family."""
     dev = pick_device(device)
-    if model == TINY:
-        from iosd.pipeline.tiny import tiny_pipeline
+    if model in TINY_MODELS:
+        from iosd.pipeline.tiny import tiny_pipeline, tiny_sd1_pipeline
 
-        pipe = tiny_pipeline(TINY_MODEL_SEED).to(dev)
-        return LoadedModel(pipe, dev, torch.float32, {"id": TINY, "revision": f"seed{TINY_MODEL_SEED}", "dtype": "float32", "random_weights": True})
+        pipe = (tiny_pipeline if model == TINY else tiny_sd1_pipeline)(TINY_MODEL_SEED).to(dev)
+        family = family_of_pipe(pipe)
+        info = {"id": model, "revision": f"seed{TINY_MODEL_SEED}", "dtype": "float32", "family": family.name, "random_weights": True}
+        return LoadedModel(pipe, dev, torch.float32, info, family.name)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    pipe = _from_pretrained(model, revision, dtype)
+    family, source, local = _family_of(model, revision)
+    pipe = _from_pretrained(family, model, source, local, revision, dtype)
     pipe.to(dev)
     pipe.vae.to(dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     resolved = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", model)
-    return LoadedModel(pipe, dev, dtype, {"id": model, "revision": revision or _snapshot_revision(str(resolved)), "dtype": str(dtype).removeprefix("torch."), "random_weights": False})
+    info = {"id": model, "revision": revision or _snapshot_revision(str(resolved)), "dtype": str(dtype).removeprefix("torch."), "family": family.name, "random_weights": False}
+    return LoadedModel(pipe, dev, dtype, info, family.name)
 
 
 def _snapshot_revision(path: str) -> str | None:
@@ -56,35 +79,64 @@ def _snapshot_revision(path: str) -> str | None:
     return parts[-1] if len(parts) > 1 and parts[-2] == "snapshots" else None
 
 
-def _from_pretrained(model: str, revision: str | None, dtype: torch.dtype):
-    from diffusers import StableDiffusionXLPipeline
+def _unreachable(model: str) -> UserError:
+    return UserError(
+        f"cannot load {model!r}: the Hugging Face Hub is unreachable from here and no cached copy exists",
+        f"run `huggingface-cli download {model} --local-dir DIR` where the hub is reachable, then --model DIR (or --model {TINY} / {TINY_SD1})",
+    )
 
+
+def _family_of(model: str, revision: str | None) -> tuple[Family, str, Path | None]:
+    """(family, source to load, local directory or None) from the pipeline's model_index.json."""
     local = Path(model).expanduser()
-    if not local.exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
-        raise UserError(f"model {model!r} is neither a local directory nor a hub id (owner/name)", f"pass --model {DEFAULT_MODEL}, a local directory, or --model tiny")
-    source = str(local) if local.exists() else model
+    if local.exists():
+        index = local / "model_index.json"
+        if not local.is_dir() or not index.is_file():
+            raise UserError(f"{local} is not a diffusers pipeline directory (no model_index.json)", "point --model at a directory saved with save_pretrained (or a hub snapshot)")
+        try:
+            config = json.loads(index.read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f"{index} is not readable JSON ({err})", "re-save the pipeline with save_pretrained") from None
+        source = str(local)
+    else:
+        if model.startswith((".", "/", "~")) or model.count("/") != 1:
+            raise UserError(f"model {model!r} is neither a local directory nor a hub id (owner/name)", f"pass --model {DEFAULT_MODEL}, a local directory, or --model {TINY} / {TINY_SD1}")
+        from diffusers import DiffusionPipeline
+
+        try:
+            config = DiffusionPipeline.load_config(model, revision=revision)
+        except OSError:
+            raise _unreachable(model) from None
+        source, local = model, None
+    class_name = config.get("_class_name") if isinstance(config, dict) else None
+    family = family_of_class(str(class_name))
+    if family is None:
+        raise UserError(f"{model} is a {class_name or 'unnamed'} pipeline, not one iosd can drive", supported_hint())
+    return family, source, local
+
+
+def _from_pretrained(family: Family, model: str, source: str, local: Path | None, revision: str | None, dtype: torch.dtype):
+    cls = family.pipeline_class()
     variant = "fp16" if dtype == torch.float16 else None
+    extra = {"safety_checker": None, "requires_safety_checker": False} if family.name == "sd" else {}
     try:
         try:
-            return StableDiffusionXLPipeline.from_pretrained(source, dtype=dtype, variant=variant, revision=revision)
+            return cls.from_pretrained(source, dtype=dtype, variant=variant, revision=revision, **extra)
         except (ValueError, OSError) as err:
             if variant is None or "variant" not in str(err).lower():
                 raise
-            return StableDiffusionXLPipeline.from_pretrained(source, dtype=dtype, revision=revision)
+            return cls.from_pretrained(source, dtype=dtype, revision=revision, **extra)
     except OSError as err:
-        if local.exists():
-            raise UserError(f"{local} is not a diffusers SDXL directory ({str(err).splitlines()[0]})", "point --model at a directory with model_index.json") from None
-        raise UserError(
-            f"cannot load {model!r}: the Hugging Face Hub is unreachable from here and no cached copy exists",
-            f"run `huggingface-cli download {model} --local-dir DIR` where the hub is reachable, then --model DIR (or --model tiny)",
-        ) from None
+        if local is not None:
+            raise UserError(f"{local} is not a loadable diffusers {cls.__name__} directory ({str(err).splitlines()[0]})", "point --model at a directory with model_index.json and its components") from None
+        raise _unreachable(model) from None
 
 
 def decode_images(loaded: LoadedModel, latents: torch.Tensor) -> np.ndarray:
     """Latents -> (B, H, W, 3) uint8 through the fp32 VAE."""
     vae = loaded.pipe.vae
     with torch.no_grad():
-        x = vae.decode(latents.to(torch.float32) / vae.config.scaling_factor).sample
+        x = vae.decode(loaded.spec.latents_to_vae(latents.to(torch.float32), vae)).sample
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -93,5 +145,5 @@ def encode_images(loaded: LoadedModel, images: np.ndarray) -> torch.Tensor:
     vae = loaded.pipe.vae
     x = torch.from_numpy(np.array(images, copy=True)).to(loaded.device).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
-        lat = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+        lat = loaded.spec.vae_to_latents(vae.encode(x).latent_dist.mean, vae)
     return lat.to(loaded.dtype)

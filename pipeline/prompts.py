@@ -1,4 +1,9 @@
-"""Prompts for generation: one or two objects, GD's templates or IOSD's negative-class form."""
+"""Prompts for generation: one or two objects, GD's templates or IOSD's negative-class form.
+
+A prompt comes with the class names it shows and the ones that are *targets*: every shown
+class, except under ``negative`` (IOSD's DSFP row), where the second class is there only to
+be told apart and the query is the one class supervised.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,6 @@ from iosd.errors import UserError
 
 GD_TEMPLATE = "a photograph of a {}"
 GD_TEMPLATE_2 = "a photograph of a {} and a {}"
-NEGATIVE_TEMPLATE = "A cinematic shot of {} and {}, portrayed naturally and realistically."
 OBJECTS = ("1", "2", "mix")
 
 
@@ -33,24 +37,19 @@ class PromptSpec:
         return self
 
 
-def _article(name: str) -> str:
-    return ("an " if name[0].lower() in "aeiou" else "a ") + name
-
-
 def make_prompt(rng: np.random.Generator, classes: tuple[str, ...], spec: PromptSpec, query: str | None = None,
-                pair: tuple[str, str] | None = None) -> tuple[str, list[str]]:
-    """A prompt and the class names it shows (each gets a teacher mask).
+                pair: tuple[str, str] | None = None) -> tuple[str, list[str], list[str]]:
+    """A prompt, the class names it shows, and those of them that are targets.
 
     ``query`` fixes the first class (evaluation plans); otherwise it is drawn from ``classes``.
     ``pair`` fixes both classes of a two-object prompt, in order (two-object evaluation plans);
     it draws nothing from ``rng``, so the plan alone decides the prompt.
-    With ``negative``, IOSD's template holds the query and a random other class in random order.
+    With ``negative``, the two-object template holds the query and a random other class in
+    random order, and only the query is a target (IOSD's official code).
     """
     if pair is not None:
         names = list(pair)
-        if spec.negative:
-            return NEGATIVE_TEMPLATE.format(*map(_article, names)), names
-        return spec.template2.format(*names), names
+        return spec.template2.format(*names), names, names
     first = query if query is not None else classes[rng.integers(len(classes))]
     others = [c for c in classes if c != first]
     if spec.negative:
@@ -58,9 +57,9 @@ def make_prompt(rng: np.random.Generator, classes: tuple[str, ...], spec: Prompt
             raise UserError("the negative-class prompt needs at least two classes", "drop --negative or add classes")
         other = others[rng.integers(len(others))]
         order = [first, other] if rng.random() < 0.5 else [other, first]
-        return NEGATIVE_TEMPLATE.format(*map(_article, order)), order
+        return spec.template2.format(*order), order, [first]
     two = spec.objects == "2" or (spec.objects == "mix" and rng.random() < 0.5)
     if two and others:
         other = others[rng.integers(len(others))]
-        return spec.template2.format(first, other), [first, other]
-    return spec.template.format(first), [first]
+        return spec.template2.format(first, other), [first, other], [first, other]
+    return spec.template.format(first), [first], [first]

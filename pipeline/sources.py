@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from iosd.errors import UserError
 from iosd.pipeline.capture import FeatureCapture
 from iosd.pipeline.models import LoadedModel, decode_images, encode_images
 
@@ -31,23 +32,29 @@ def _noise(seeds: list[int], shape: tuple[int, ...], device: torch.device, dtype
     return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device=device, dtype=dtype)
 
 
-def _conditioning(loaded: LoadedModel, prompts: list[str], size: int) -> dict:
-    embeds, _, pooled, _ = loaded.pipe.encode_prompt(prompt=prompts, device=loaded.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
-    time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=loaded.device, dtype=embeds.dtype).repeat(len(prompts), 1)
-    return {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+def _guided(loaded: LoadedModel, guidance: float) -> bool:
+    """Whether the pipeline runs classifier-free guidance at ``guidance`` (as diffusers decides)."""
+    return guidance > 1.0 and getattr(loaded.pipe.unet.config, "time_cond_proj_dim", None) is None
 
 
 @torch.no_grad()
 def renoised_pass(loaded: LoadedModel, capture: FeatureCapture, latents: torch.Tensor, prompts: list[str], seeds: list[int], t: int, size: int) -> dict[str, torch.Tensor]:
-    """One UNet call on ``latents`` noised to timestep ``t`` (DDPM forward process), captured."""
+    """One UNet call on ``latents`` noised to timestep ``t`` (DDPM forward process), captured.
+
+    With ``capture.halves == "both"`` the call is a guidance batch (the empty prompt's
+    conditioning first, as the pipeline builds it), so both halves exist to be captured."""
     alphas = loaded.pipe.scheduler.alphas_cumprod.to(loaded.device)
     a = alphas[t].to(latents.dtype)
     noise = _noise([s + 1 for s in seeds], tuple(latents.shape[1:]), loaded.device, latents.dtype)
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-    timestep = torch.full((len(prompts),), t, device=loaded.device, dtype=torch.long)
-    capture.keep, capture.armed = slice(None), True
+    guided = capture.halves == "both"
+    if guided:
+        noisy = torch.cat([noisy, noisy])
+    timestep = torch.full((noisy.shape[0],), t, device=loaded.device, dtype=torch.long)
+    conditioning = loaded.spec.conditioning(loaded.pipe, prompts, device=loaded.device, size=size, guided=guided)
+    capture.keep, capture.guided, capture.armed = slice(None), guided, True
     try:
-        loaded.pipe.unet(noisy, timestep, **_conditioning(loaded, prompts, size))
+        loaded.pipe.unet(noisy, timestep, **conditioning)
     finally:
         capture.armed = False
     return capture.take()
@@ -55,17 +62,21 @@ def renoised_pass(loaded: LoadedModel, capture: FeatureCapture, latents: torch.T
 
 @torch.no_grad()
 def diffuse(loaded: LoadedModel, capture: FeatureCapture, prompts: list[str], seeds: list[int], *, steps: int, size: int, guidance: float, feature_step: int, feature_t: int | None, daam=None) -> Produced:
-    """Generate images with the SDXL pipeline; capture features at denoising call ``feature_step``
-    (negative counts from the end) or, with ``feature_t``, in an extra pass on the final latent.
-    A DAAM recorder, if given, sees the denoising calls only."""
+    """Generate images with the loaded pipeline (SDXL or SD); capture features at denoising
+    call ``feature_step`` (negative counts from the end) or, with ``feature_t``, in an extra
+    pass on the final latent. Under guidance (``guidance`` > 1) the capture keeps what
+    ``capture.halves`` says (GD: ``halves="both"``, ``feature_step=-1``). A DAAM recorder, if
+    given, sees the denoising calls only."""
     unet = loaded.pipe.unet
     target = feature_step % steps
     calls = {"n": 0}
-    cfg = guidance > 1.0
+    cfg = _guided(loaded, guidance)
+    if capture.halves == "both" and not cfg and feature_t is None:
+        raise UserError(f"capturing both guidance halves needs classifier-free guidance, but guidance is {guidance}", "pass guidance > 1 (GD: 5) or halves cond")
 
     def arm(_module, _args):
         capture.armed = feature_t is None and calls["n"] == target
-        capture.keep = slice(len(prompts), None) if cfg else slice(None)  # conditional half
+        capture.keep, capture.guided = slice(None), cfg
         calls["n"] += 1
 
     handle = unet.register_forward_pre_hook(arm)

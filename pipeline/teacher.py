@@ -1,8 +1,8 @@
 """The Mask R-CNN teacher: MMDetection 3.x instance masks turned into one mask per prompt class.
 
 The generate stage labels each generated image with a COCO-trained Mask R-CNN: for every class
-in the prompt, the union of that label's instance masks above the score threshold and the best
-score. mmdet is imported lazily, so importing this module never needs mmcv.
+in the prompt, a mask by the recipe's ground-truth rule (``GT_RULES``) and the best score.
+mmdet is imported lazily, so importing this module never needs mmcv.
 
 Checkpoints are unpickled with ``torch.load(weights_only=True)``; old model-zoo files that
 pickle numpy scalars or mmengine's HistoryBuffer in their metadata get exactly those known-safe
@@ -60,7 +60,7 @@ HISTORY_METHODS = ("min", "max", "current", "mean")
 
 @dataclass
 class TeacherLabel:
-    """One requested class in one image: the union of its instance masks and the best score."""
+    """One requested class in one image: its mask by the ground-truth rule and the best score."""
 
     mask: np.ndarray
     score: float
@@ -326,6 +326,21 @@ def _num_classes(model: torch.nn.Module) -> int | None:
 
 
 # -- the teacher ----------------------------------------------------------------------------------
+# How a class's instances become its one mask: both papers take the top instance of the label
+# (IOSD: the first, highest-scoring one); "union" joins every instance above the threshold.
+GT_RULES = ("top", "union")
+
+
+def class_mask(masks: torch.Tensor, scores: torch.Tensor, rule: str) -> tuple[np.ndarray, float]:
+    """One (H, W) bool mask and its score from a label's instances (N, H, W), (N,); N >= 1."""
+    if rule == "top":
+        best = int(torch.argmax(scores))  # first of the highest, as mmdet's sorted output
+        return masks[best].bool().cpu().numpy(), float(scores[best])
+    if rule == "union":
+        return masks.bool().any(0).cpu().numpy(), float(scores.max())
+    raise UserError(f"unknown ground-truth rule {rule!r}", f"use one of {', '.join(GT_RULES)}")
+
+
 class MaskRCNNTeacher:
     """A built mmdet detector plus the label-name map that turns its instances into class masks."""
 
@@ -335,6 +350,7 @@ class MaskRCNNTeacher:
         self.names = names
         self.info = info
         self.score_thr = float(info["score_thr"])
+        self.gt = info.get("gt", "top")
         self._labels: dict[str, list[int]] = {}
         for i, name in enumerate(names):
             self._labels.setdefault(_key(name), []).append(i)
@@ -350,7 +366,7 @@ class MaskRCNNTeacher:
             raise UserError(f"the teacher cannot label {', '.join(map(repr, unknown))}: its detector has no such label, even through synonyms", UNKNOWN_CLASS_FIX)
 
     def label(self, images: Sequence[np.ndarray], classes: Sequence[Sequence[str]]) -> list[list[TeacherLabel]]:
-        """Per image, per requested class: the union of its masks above score_thr and the best score."""
+        """Per image, per requested class: its mask by the ground-truth rule and the best score."""
         if len(images) != len(classes):
             raise ValueError(f"{len(images)} images but {len(classes)} class lists")
         self.check_classes([n for names in classes for n in names])
@@ -371,10 +387,10 @@ class MaskRCNNTeacher:
             if not bool(keep.any()):
                 out.append(TeacherLabel(np.zeros(shape, dtype=bool), 0.0))
                 continue
-            mask = inst.masks[keep].bool().any(0).cpu().numpy()
+            mask, score = class_mask(inst.masks[keep], inst.scores[keep], self.gt)
             if mask.shape != tuple(shape):
                 raise RuntimeError(f"teacher mask {mask.shape} differs from image {tuple(shape)}")
-            out.append(TeacherLabel(mask, float(inst.scores[keep].max())))
+            out.append(TeacherLabel(mask, score))
         return out
 
     def describe(self) -> dict:
@@ -420,6 +436,7 @@ def build_teacher(
     mask_thr: float = 0.5,
     tiny: bool = False,
     image_size: int | None = None,
+    gt: str = "top",
 ) -> MaskRCNNTeacher:
     """Build the Mask R-CNN teacher.
 
@@ -428,6 +445,8 @@ def build_teacher(
     Otherwise ``config`` (zoo name or .py path, default Swin-S 3x COCO) with ``checkpoint``
     (path or URL, default the zoo weights of the config).
     """
+    if gt not in GT_RULES:
+        raise UserError(f"unknown ground-truth rule {gt!r}", f"use one of {', '.join(GT_RULES)}")
     _require_mmdet()
     score_thr = (0.0 if tiny else 0.05) if score_thr is None else float(score_thr)
     _check_thresholds(score_thr, mask_thr)
@@ -456,6 +475,7 @@ def build_teacher(
         "checkpoint_sha256": sha256_file(local) if local else None,
         "score_thr": score_thr,
         "mask_thr": float(mask_thr),
+        "gt": gt,
         "label_names": names_from,
         "device": str(device),
         "random_weights": source is None,

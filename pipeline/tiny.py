@@ -1,8 +1,10 @@
-"""An embedded random-weight SDXL of the real classes, small enough for CPU tests and the demo.
+"""Embedded random-weight models of the real classes, small enough for CPU tests and the demo.
 
-Same diffusers/transformers classes and block layout as SDXL-Turbo (so feature-layer paths,
-text_time conditioning and the two text encoders all exercise the real code path), built
-offline and deterministically from a seed. The tokenizer is the real CLIP BPE shipped in the
+``tiny_pipeline``: an SDXL with the same diffusers/transformers classes and block layout as
+SDXL-Turbo (so feature-layer paths, text_time conditioning and the two text encoders all
+exercise the real code path). ``tiny_sd1_pipeline``: an SD 1.x (one CLIP text encoder, four
+UNet levels, DDIM), for the GD recipe's code path. Both are built offline and
+deterministically from a seed. The tokenizer is the real CLIP BPE shipped in the
 ``open_clip_torch`` wheel.
 """
 
@@ -16,7 +18,9 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    DDIMScheduler,
     EulerAncestralDiscreteScheduler,
+    StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -68,6 +72,48 @@ TINY_UNET_CONFIG = {
     "cross_attention_dim": 64,  # 32 (encoder 1) + 32 (encoder 2), as 768 + 1280 in SDXL
     "addition_time_embed_dim": 8,
     "projection_class_embeddings_input_dim": 6 * 8 + 32,  # 6 time ids + pooled text (projection 32)
+}
+# SD 1.4/1.5's UNet (CompVis/stable-diffusion-v1-4, unet/config.json; fields left out are
+# diffusers' defaults, which match it). "attention_head_dim" 8 is, in diffusers' naming, 8 heads.
+SD1_UNET_CONFIG = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "act_fn": "silu",
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "mid_block_scale_factor": 1,
+    "center_input_sample": False,
+}
+TINY_SD1_UNET_CONFIG = {
+    **SD1_UNET_CONFIG,
+    "sample_size": 32,
+    "in_channels": 16,  # the tiny VAE's latent width (see TINY_VAE_CONFIG)
+    "out_channels": 16,
+    "block_out_channels": [32, 64, 64, 64],
+    "attention_head_dim": 2,
+    "norm_num_groups": 8,
+    "cross_attention_dim": 32,  # the one text encoder's width, as 768 in SD 1.x
+}
+# SD 1.x's scheduler config with DDIM, GD's sampler (leading spacing: 50 steps end at t=1).
+SD1_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "clip_sample": False,
 }
 TINY_VAE_CONFIG = {
     "in_channels": 3,
@@ -151,9 +197,17 @@ def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
     return _seeded(seed, lambda: UNet2DConditionModel(**TINY_UNET_CONFIG)).eval()
 
 
+def tiny_sd1_unet(seed: int = 0) -> UNet2DConditionModel:
+    return _seeded(seed, lambda: UNet2DConditionModel(**TINY_SD1_UNET_CONFIG)).eval()
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderKL:
+    return _seeded(seed + 1, lambda: AutoencoderKL(**TINY_VAE_CONFIG)).eval()
+
+
 def tiny_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     """The embedded random-weight SDXL: every component of the real classes, deterministic."""
-    vae = _seeded(seed + 1, lambda: AutoencoderKL(**TINY_VAE_CONFIG)).eval()
+    vae = tiny_vae(seed)
     text_encoder = _seeded(seed + 2, lambda: CLIPTextModel(_text_config())).eval()
     text_encoder_2 = _seeded(seed + 3, lambda: CLIPTextModelWithProjection(_text_config())).eval()
     pipe = StableDiffusionXLPipeline(
@@ -164,6 +218,22 @@ def tiny_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         tokenizer_2=clip_tokenizer(pad_token="!"),  # SDXL's second tokenizer pads with "!"
         unet=tiny_unet(seed),
         scheduler=EulerAncestralDiscreteScheduler(**SCHEDULER_CONFIG),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd1_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """The embedded random-weight SD 1.x: SD 1.x's block layout, one CLIP encoder, DDIM."""
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(seed),
+        text_encoder=_seeded(seed + 2, lambda: CLIPTextModel(_text_config())).eval(),
+        tokenizer=clip_tokenizer(),  # SD 1.x pads with <|endoftext|>
+        unet=tiny_sd1_unet(seed),
+        scheduler=DDIMScheduler(**SD1_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -4,6 +4,10 @@ per-shard record; ``dataset.json`` is rebuilt atomically from the records.
 Shards are independent (their content depends only on seed, config and index), so ranks
 and resumed runs need no coordination beyond which indices they own: a shard is done when
 both its tar and its record exist.
+
+Beside ``dataset.json``, ``wids-index.json`` lists the same finished shards in the shard
+index format of ``wids`` (webdataset's random-access reader), with URLs relative to the
+directory, so ``wids.ShardListDataset("DIR/wids-index.json")`` reads the set as it is.
 """
 
 from __future__ import annotations
@@ -22,6 +26,17 @@ from iosd.manifest import check_schema, sha256_file, write_json_atomic
 from iosd.schema import MANIFEST_NAME, SCHEMA_VERSION, SHARD_GLOB, shard_name
 
 PARTS_DIR = ".parts"
+WIDS_INDEX_NAME = "wids-index.json"
+
+
+def wids_index(records: list[dict], name: str) -> dict:
+    """The wids shard index of finished shards (URLs relative to the index's directory)."""
+    return {
+        "__kind__": "wids-shard-index-v1",
+        "wids_version": 1,
+        "name": name,
+        "shardlist": [{"url": r["name"], "nsamples": int(r["samples"]), "filesize": int(r["bytes"])} for r in records],
+    }
 
 
 def add_counts(total: dict, part: dict) -> dict:
@@ -78,6 +93,7 @@ class ShardSetWriter:
             tar.unlink()
         shutil.rmtree(self.parts, ignore_errors=True)
         (self.out / MANIFEST_NAME).unlink(missing_ok=True)
+        (self.out / WIDS_INDEX_NAME).unlink(missing_ok=True)
 
     def _finished(self) -> dict[int, dict]:
         """Records of the shards whose tar and record both exist and agree in size."""
@@ -141,5 +157,6 @@ class ShardSetWriter:
         }
         if counts.get("written"):
             manifest["features"] = {**manifest["features"], "stored_bytes_per_sample": round(feat_bytes / counts["written"])}
+        write_json_atomic(self.out / WIDS_INDEX_NAME, wids_index(recs, self.out.resolve().name))
         write_json_atomic(self.out / MANIFEST_NAME, manifest)
         return manifest

@@ -52,27 +52,35 @@ def test_user_class_file(tmp_path):
         check_names(["unicorn"], load_split("coco", 1))
 
 
-def test_presets_exist_in_the_tiny_unet_with_sdxl_block_layout(tiny_loaded):
-    names = dict(tiny_loaded.pipe.unet.named_modules())
-    for preset, paths in PRESETS.items():
-        missing = [p for p in paths if p not in names]
+def test_presets_exist_in_the_tiny_unet_of_their_family(tiny_loaded):
+    from iosd.pipeline.tiny import tiny_sd1_unet
+
+    names = {"sdxl": dict(tiny_loaded.pipe.unet.named_modules()), "sd": dict(tiny_sd1_unet(0).named_modules())}
+    for preset, p in PRESETS.items():
+        missing = [path for path in p.layers if path not in names[p.family]]
         assert not missing, (preset, missing)
     with pytest.raises(UserError):
         resolve_layers("nonsense")
     assert resolve_layers("mid_block,up_blocks.0") == ("mid_block", "up_blocks.0")
 
 
-def test_preset_costs_at_512px_on_the_real_sdxl_layout():
-    """The README's bytes-per-sample table, measured on SDXL's UNet built on the meta device."""
-    from iosd.pipeline.capture import sdxl_layer_shapes
+def test_preset_and_recipe_costs_at_512px_on_the_real_unet_layouts():
+    """The README's bytes-per-sample tables, measured on the real UNets built on the meta device."""
+    from iosd.pipeline.capture import preset_shapes, recipe_shapes
 
-    expected_mb = {"compact": 4.59, "iosd": 14.42, "gd": 12.78}
-    for preset, paths in PRESETS.items():
-        shapes = sdxl_layer_shapes(paths)
-        mb = sum(int(np.prod(s)) * 2 for s in shapes.values()) / 1e6
-        assert mb == pytest.approx(expected_mb[preset], abs=0.01), (preset, shapes)
+    def megabytes(shapes):
+        return sum(int(np.prod(s)) * 2 for s in shapes.values()) / 1e6
+
+    expected_mb = {"iosd": 33.10, "gd": 34.08, "compact": 4.59, "decoder": 14.42, "blocks": 12.78}
+    for preset in PRESETS:
+        shapes = preset_shapes(preset)
+        assert megabytes(shapes) == pytest.approx(expected_mb[preset], abs=0.01), (preset, shapes)
         if preset == "compact":
             assert [len(g) for g in group_by_resolution(shapes)] == [1, 1, 1]
+    recipes = {"iosd": 33.10, "gd": 68.16, "fast": 4.59}  # gd stores both guidance halves
+    assert {r: round(megabytes(recipe_shapes(r)), 2) for r in recipes} == recipes
+    gd = recipe_shapes("gd")
+    assert [(gd[g[0]][-1], sum(gd[p][0] for p in g)) for g in group_by_resolution(gd)] == [(8, 15360), (16, 14080), (32, 8320), (64, 5120)]
 
 
 @pytest.mark.parametrize("dtype,tol", [("float16", 1e-3), ("bfloat16", 1e-2), ("int8", 2e-2)])

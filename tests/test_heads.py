@@ -1,4 +1,4 @@
-"""Grounding heads and the mask loss: shapes, per-image independence, padding, round trip, fitting."""
+"""The lite grounding heads and the mask loss: shapes, per-image independence, padding, round trip, fitting."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from iosd.errors import UserError
 from iosd.train.heads import build_head
 from iosd.train.losses import mask_loss
 
-KINDS = ("gd", "iosd")
+KINDS = ("gd-lite", "iosd-lite")
 SMALL = {"d_model": 64, "heads": 4, "ffn": 128}
 LAYOUTS = {
     "one_group": {"layers": [["up_blocks.2.resnets.2", [16, 16, 16]]], "embedding_dim": 24},
@@ -58,19 +58,19 @@ def test_mask_size_override(kind):
 
 def test_architectures_differ_as_in_the_papers():
     layout = LAYOUTS["three_groups"]
-    gd, iosd = build_head("gd", layout), build_head("iosd", layout)
+    gd, iosd = build_head("gd-lite", layout), build_head("iosd-lite", layout)
     assert gd.config["d_model"] == 512 and gd.config["heads"] == 8 and gd.config["ffn"] == 2048
     assert len(gd.decoder) == 3  # GD: three decoder layers over one visual map
     assert len(iosd.decoder) == 4  # IOSD: one layer per level: 8, 16, 32 and the final map
     assert gd.config["visual_channels"] == [16, 32, 64]  # GD's 1x1 widths: twice the side
     sd1 = {"layers": [[f"l{s}", [8, s, s]] for s in (8, 16, 32, 64)], "embedding_dim": 8}
-    assert sum(build_head("gd", sd1, **SMALL).config["visual_channels"]) == 240
-    assert build_head("gd", layout, layers=2).config["layers"] == 2
+    assert sum(build_head("gd-lite", sd1, **SMALL).config["visual_channels"]) == 240
+    assert build_head("gd-lite", layout, layers=2).config["layers"] == 2
 
 
 def test_gd_tokens_match_the_published_patching():
     sd1 = {"layers": [[f"l{s}", [8, s, s]] for s in (8, 16, 32, 64)], "embedding_dim": 8}
-    head = build_head("gd", sd1, **SMALL)
+    head = build_head("gd-lite", sd1, **SMALL)
     assert (head.tokens.patch, head.tokens.grid) == (4, 16)  # 4x4 patches of 64x64: 256 tokens
 
 
@@ -135,18 +135,18 @@ def test_bad_requests_are_user_errors():
     with pytest.raises(UserError, match="unknown head kind"):
         build_head("unet", layout)
     with pytest.raises(UserError, match="unknown head option"):
-        build_head("gd", layout, depth=3)
+        build_head("gd-lite", layout, depth=3)
     with pytest.raises(UserError, match="one fusion layer per pyramid level"):
-        build_head("iosd", layout, layers=5)
+        build_head("iosd-lite", layout, layers=5)
     with pytest.raises(UserError, match="not divisible"):
-        build_head("gd", layout, d_model=100, heads=8)
+        build_head("gd-lite", layout, d_model=100, heads=8)
     with pytest.raises(UserError, match="visual_channels needs 2"):
-        build_head("gd", layout, visual_channels=[8, 8, 8])
+        build_head("gd-lite", layout, visual_channels=[8, 8, 8])
     with pytest.raises(UserError, match="malformed feature layout"):
-        build_head("gd", {"layers": [["a", 3]]})
+        build_head("gd-lite", {"layers": [["a", 3]]})
     with pytest.raises(UserError, match="square"):
-        build_head("gd", {"layers": [["a", [4, 8, 16]]], "embedding_dim": 4})
-    head = head_for("gd", layout)
+        build_head("gd-lite", {"layers": [["a", [4, 8, 16]]], "embedding_dim": 4})
+    head = head_for("gd-lite", layout)
     features, queries = random_inputs(layout, batch=2, queries=1)
     with pytest.raises(UserError, match="is missing"):
         head({k: v for k, v in features.items() if k != "mid_block"}, queries)

@@ -7,16 +7,20 @@ import pytest
 
 from iosd.errors import UserError
 from iosd.pipeline.filter import judge
-from iosd.pipeline.prompts import NEGATIVE_TEMPLATE, PromptSpec, make_prompt
+from iosd.pipeline.prompts import PromptSpec, make_prompt
 from iosd.pipeline.writer import add_counts
-from iosd.schema import EMPTY_MASK, KEPT, LOW_SCORE
+from iosd.recipes import get_recipe
+from iosd.schema import EMPTY_MASK, KEPT, LOW_SCORE, NOT_TARGET
 
 CLASSES = ("cat", "dog", "apple", "hot dog")
 
 
 def prompts(spec: PromptSpec, n: int = 200, query: str | None = None) -> list[tuple[str, list[str]]]:
     rng = np.random.default_rng(0)
-    return [make_prompt(rng, CLASSES, spec, query) for _ in range(n)]
+    made = [make_prompt(rng, CLASSES, spec, query) for _ in range(n)]
+    if not spec.negative:
+        assert all(targets == names for _, names, targets in made)  # every shown class is a target
+    return [(prompt, names) for prompt, names, _ in made]
 
 
 def test_gd_one_object_template():
@@ -33,15 +37,18 @@ def test_two_objects_name_two_different_classes_and_mix_gives_both_kinds():
 
 
 def test_negative_prompt_holds_the_query_and_another_class_in_random_order():
-    made = prompts(PromptSpec(negative=True), query="apple")
+    official = get_recipe("iosd").value("gen", "template2")
+    assert official == "A cinematic shot of a {} and a {}, naturally and realistically."
+    rng = np.random.default_rng(0)
+    made = [make_prompt(rng, CLASSES, PromptSpec(template2=official, negative=True), "apple") for _ in range(200)]
     positions = set()
-    for prompt, names in made:
+    for prompt, names, targets in made:
         assert len(names) == 2 and "apple" in names and names[0] != names[1]
-        article = ["an " + n if n[0] in "aeiou" else "a " + n for n in names]
-        assert prompt == NEGATIVE_TEMPLATE.format(*article)
+        assert prompt == official.format(*names)
+        assert targets == ["apple"]  # the query is the only supervised class (DSFP)
         positions.add(names.index("apple"))
     assert positions == {0, 1}  # the query comes first or second
-    assert {n for _, names in made for n in names} == set(CLASSES)  # every other class can be the negative
+    assert {n for _, names, _ in made for n in names} == set(CLASSES)  # every other class can be the negative
 
 
 def test_negative_prompt_needs_two_classes():
@@ -80,3 +87,10 @@ def test_shard_counts_add_up_per_class_and_decision():
     add_counts(total, {"written": 2, "dropped_samples": 1, "per_class": {"cat": {KEPT: 2}, "dog": {LOW_SCORE: 1}}})
     add_counts(total, {"written": 3, "per_class": {"cat": {EMPTY_MASK: 1}}})
     assert total == {"written": 5, "dropped_samples": 1, "per_class": {"cat": {KEPT: 2, EMPTY_MASK: 1}, "dog": {LOW_SCORE: 1}}}
+
+
+def test_filter_never_keeps_a_class_outside_the_targets():
+    full = np.ones((4, 4), bool)
+    records, kept = judge(["dog", "cat"], [full, full], [0.99, 0.95], {}, min_score=0.8, targets=["cat"])
+    assert [r.decision for r in records] == [NOT_TARGET, KEPT]
+    assert [r.mask_index for r in records] == [None, 0] and kept.shape == (1, 4, 4)

@@ -40,7 +40,7 @@ def test_checkpoint_is_safetensors_plus_json_and_loads_back(shapes_set, tmp_path
     summary = json.loads(result.output.strip().splitlines()[-1])
     assert summary["step"] == 6 and not summary["interrupted"]
     info, weights = read_checkpoint(run)
-    assert info["step"] == 6 and info["head"]["kind"] == "iosd" and info["layout"]["embedding_dim"] > 0
+    assert info["step"] == 6 and info["head"]["kind"] == "iosd-lite" and info["recipe"]["name"] == "fast" and info["layout"]["embedding_dim"] > 0
     assert info["classes"]["name"] == "shapes" and info["generation"]["source"] == "shapes"
     assert info["train"]["args"]["lr"] == 1e-4 and info["train"]["args"]["weight_decay"] == 1e-4
     assert sorted(p.name for p in weights.iterdir()) == ["checkpoint.json", "model.safetensors", "optimizer.safetensors"]

@@ -9,9 +9,11 @@ import click
 from click.core import ParameterSource
 
 from iosd.errors import UserError, user_errors
-from iosd.train.trainer import DEFAULT_BATCH, DEFAULT_STEPS, SCHEDULES, SUBSETS, TrainConfig
+from iosd.recipes import recipe_names
+from iosd.train.heads import KINDS
+from iosd.train.trainer import LOSS_SIZES, SCHEDULES, SUBSETS, TrainConfig
 
-HEADS = ("iosd", "gd")
+RECIPES = ", ".join(recipe_names())
 
 
 def parse_head_options(values: tuple[str, ...]) -> dict:
@@ -30,16 +32,19 @@ def parse_head_options(values: tuple[str, ...]) -> dict:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("shards")
-@click.option("--head", type=click.Choice(HEADS), default="iosd", help="head architecture")
-@click.option("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps in all (a resumed run continues up to it)")
-@click.option("--batch-size", type=int, default=DEFAULT_BATCH, help="samples per step and rank")
-@click.option("--lr", type=float, default=1e-4, help="Adam learning rate")
-@click.option("--weight-decay", type=float, default=1e-4, help="Adam weight decay")
+@click.option("--recipe", default=None, help=f"one of {RECIPES}: published configuration the options marked [recipe] default to [default: the shards' own]")
+@click.option("--show-config", is_flag=True, help="print the resolved settings and where each comes from, then exit")
+@click.option("--head", type=click.Choice(KINDS), default=None, help="head architecture: iosd, gd (the papers' official modules) or their -lite variants [recipe]")
+@click.option("--steps", type=int, default=None, help="optimizer steps in all; a resumed run continues up to it [recipe]")
+@click.option("--batch-size", type=int, default=None, help="samples per step and rank [recipe]")
+@click.option("--lr", type=float, default=None, help="Adam learning rate [recipe]")
+@click.option("--weight-decay", type=float, default=None, help="Adam weight decay [recipe]")
 @click.option("--warmup", type=int, default=0, help="linear warm-up steps")
-@click.option("--schedule", type=click.Choice(SCHEDULES), default="constant", help="learning-rate schedule after warm-up")
-@click.option("--decay-every", type=int, default=6000, help="--schedule step: multiply the rate by --decay-factor every N steps (IOSD: 6000)")
-@click.option("--decay-factor", type=float, default=0.5, help="--schedule step: factor per decay")
-@click.option("--dice", type=float, default=0.0, help="weight of a dice term added to the BCE loss")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=None, help="learning-rate schedule after warm-up [recipe]")
+@click.option("--decay-every", type=int, default=None, help="--schedule step: multiply the rate by --decay-factor every N steps [recipe]")
+@click.option("--decay-factor", type=float, default=None, help="--schedule step: factor per decay [recipe]")
+@click.option("--loss-size", type=click.Choice(LOSS_SIZES), default=None, help="compute the loss at the image's resolution or at the head's own map size [recipe]")
+@click.option("--dice", type=float, default=None, help="weight of a dice term added to the BCE loss [recipe]")
 @click.option("--min-score", type=float, default=0.0, help="train only on masks whose stored teacher score is at least this")
 @click.option("--subset", type=click.Choice(SUBSETS), default="seen", help="classes that train: the split's seen ones, or every kept class")
 @click.option("--val", default=None, help="held-out shards (directory, pattern or URL) for mean IoU by class")
@@ -62,20 +67,24 @@ def parse_head_options(values: tuple[str, ...]) -> dict:
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @click.pass_context
 @user_errors
-def main(ctx: click.Context, **options) -> None:
+def main(ctx: click.Context, show_config: bool, **options) -> None:
     """Train a grounding head (features + class embedding -> mask) on iosd-gen shards.
 
     SHARDS is a shard directory with its dataset.json, a brace pattern
     (dir/shard-{000000..000009}.tar) or a URL (http(s), s3://, gs:// with fsspec).
-    Under `torchrun --nproc-per-node K iosd-train ...` it trains with DDP.
+    Under `torchrun --nproc-per-node K iosd-train ...` it trains with DDP. Options marked
+    [recipe] default to the recipe's value (--show-config lists them).
     """
-    from iosd.train.trainer import train
+    from iosd.train.trainer import Trainer, train
 
     renames = {"head_option": "head_options", "compile_": "compile"}
     explicit = frozenset(renames.get(name, name) for name in options if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT))
     options["head_options"] = parse_head_options(options.pop("head_option"))
     options["compile"] = options.pop("compile_")
     options["tensorboard"] = not options.pop("no_tensorboard")
+    if show_config:
+        Trainer(TrainConfig(**options), explicit).show_config()
+        return
     summary = train(TrainConfig(**options), explicit)
     if summary is None:
         return

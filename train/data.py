@@ -10,15 +10,27 @@ keeps the last one it consumed per worker, and a resumed run starts every slot t
 
 Samples within a shard are read in order: iosd-gen draws every candidate independently, so
 a shard is already a random sample; the epoch-wise shard permutation does the mixing.
+
+Features move at the speed of memory: a worker reads ``feat.zarr.zip`` by the lean path of
+``iosd.featstore.read_stored`` (views of the tar member's bytes, trusting the manifest's
+layout and dtype, refusing anything else), checks finiteness on the stored bits, never
+decodes the PNG, and stacks each batch straight into shared memory in the stored dtype
+(float16, bfloat16, int8 or fp8 bits, plus float32 per-channel scales). The trainer
+dequantises on the device (``to_device_features``).
 """
 
 from __future__ import annotations
 
+import io
+import json
 import math
+import mmap
+import os
 import random
+import tarfile
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -27,8 +39,9 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from iosd.errors import UserError
-from iosd.schema import REQUIRED_EXTS, decode_sample
-from iosd.train.shards import ShardSet, open_stream
+from iosd.featstore import SCALED, FeatureLayoutError, all_finite, copy_finite, read_stored
+from iosd.schema import EXT_EMB, EXT_FEAT, EXT_MASKS, EXT_META, KEPT, REQUIRED_EXTS
+from iosd.train.shards import ShardSet, is_url, open_stream
 
 ON_CORRUPT = ("warn", "fail")
 
@@ -55,15 +68,44 @@ class DecodeSpec:
     subsets: tuple[str, ...] | None = ("seen",)  # classes whose masks train; None = every class
     mask_size: int | None = None  # training targets are area-resized to this side
     full_masks: bool = False  # validation keeps the masks at image resolution
+    dtype: str | None = None  # the stored feature dtype the manifest states (None: each sample's own)
 
     @classmethod
     def from_layout(cls, layout: dict, **options) -> DecodeSpec:
         layers = tuple((path, tuple(int(v) for v in shape)) for path, shape in layout["layers"])
         return cls(layers, int(layout["embedding_dim"]), **options)
 
+    @classmethod
+    def for_shards(cls, shard_set: ShardSet, **options) -> DecodeSpec:
+        """The layout and stored dtype of a shard set, from its manifest where it has one."""
+        dtype = ((shard_set.manifest or {}).get("features") or {}).get("dtype")
+        return cls.from_layout(shard_set.layout, dtype=dtype, **options)
+
 
 def shard_samples(url: str, expected: int | None = None) -> Iterator[dict]:
-    """Raw samples (ext -> bytes) of one tar; a read problem raises ShardError naming it."""
+    """Raw samples (ext -> bytes) of one tar; a read problem raises ShardError naming it.
+
+    A local tar is mapped into memory and its feature members come back as views of the
+    mapping (``memoryview``, no copy); other members, and tars read by URL, as bytes."""
+    local = _local_path(url)
+    samples = _mapped_samples(url, local) if local is not None else _streamed_samples(url)
+    count = 0
+    for raw in samples:
+        count += 1
+        yield raw
+    if count == 0:
+        raise ShardError(f"{url}: holds no sample")
+    if expected is not None and count < expected:
+        raise ShardError(f"{url}: {count} samples read, the manifest lists {expected} (truncated?)")
+
+
+def _local_path(url: str) -> str | None:
+    if not is_url(url):
+        return url
+    return url[len("file://"):] if url.startswith("file://") else None
+
+
+def _streamed_samples(url: str) -> Iterator[dict]:
     errors: list[Exception] = []
 
     def handler(exn: Exception) -> bool:
@@ -76,92 +118,292 @@ def shard_samples(url: str, expected: int | None = None) -> Iterator[dict]:
         raise
     except Exception as err:
         raise ShardError(f"{url}: cannot open ({type(err).__name__}: {err})") from None
-    count = 0
     with stream:
         files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler)
         for raw in wds.tariterators.group_by_keys(files, handler=handler):
             if errors:
                 break  # the last, partial sample of a truncated tar
-            count += 1
             yield raw
     if errors:
         err = errors[0]
         detail = str(err.args[0]) if err.args else type(err).__name__
         raise ShardError(f"{url}: {type(err).__name__}: {detail.split(' @ ')[0]}")
-    if count == 0:
-        raise ShardError(f"{url}: holds no sample")
-    if expected is not None and count < expected:
-        raise ShardError(f"{url}: {count} samples read, the manifest lists {expected} (truncated?)")
 
 
-def decode_item(raw: dict, spec: DecodeSpec) -> dict | None:
-    """Tensors of one sample, or None when none of its classes is a target here."""
+def _mapped_samples(url: str, path: str) -> Iterator[dict]:
+    """Samples of a local tar, members grouped by key as webdataset does (the key is the
+    name up to the first dot of its base name); a partial last sample is never yielded."""
+    try:
+        f = open(path, "rb")
+    except OSError as err:
+        raise ShardError(f"{url}: cannot open ({type(err).__name__}: {err})") from None
+    current: dict | None = None
+    with f:
+        try:
+            size = os.fstat(f.fileno()).st_size
+            view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)) if size else memoryview(b"")
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                for info in tar:
+                    if not info.isfile():
+                        continue
+                    end = info.offset_data + info.size
+                    if end > size:
+                        raise tarfile.ReadError(f"member {info.name} runs past the end of the file (truncated)")
+                    prefix, suffix = wds.tariterators.base_plus_ext(info.name)
+                    if prefix is None:
+                        continue
+                    suffix = suffix.lower()
+                    if current is None or prefix != current["__key__"]:
+                        if current is not None:
+                            yield current
+                        current = {"__key__": prefix, "__url__": url}
+                    if suffix in current:
+                        raise tarfile.ReadError(f"duplicate file name {info.name}")
+                    data = view[info.offset_data : end]
+                    current[suffix] = data if suffix == EXT_FEAT else bytes(data)
+        except (tarfile.TarError, OSError, ValueError, EOFError) as err:
+            raise ShardError(f"{url}: {type(err).__name__}: {err}") from None
+    if current is not None:
+        yield current
+
+
+def decode_item(raw: dict, spec: DecodeSpec, check_finite: bool = True) -> dict | None:
+    """Tensors of one sample, or None when none of its classes is a target here.
+
+    Features stay in their stored dtype (``item["features"]``: NumPy arrays, views of the raw
+    member where uncompressed; ``item["scales"]`` for int8 / fp8); the image is not decoded.
+    ``check_finite`` False leaves the features' finite check to the batch they are copied into."""
     key = raw.get("__key__", "?")
     missing = [ext for ext in REQUIRED_EXTS if ext not in raw]
     if missing:
         raise SampleError(f"sample {key} lacks {', '.join(missing)}")
-    paths = [path for path, _ in spec.layers]
     try:
-        sample = decode_sample(raw, features=paths)
-    except KeyError as err:
-        if err.args and err.args[0] in paths:
-            raise LayoutError(f"sample {key} has no feature layer {err.args[0]}") from None
-        raise SampleError(f"sample {key} cannot be decoded (missing {err})") from None
+        classes = json.loads(raw[EXT_META])["classes"]
+        rows = [
+            i for i, c in enumerate(classes)
+            if c["decision"] == KEPT and c["mask_index"] is not None and c["score"] >= spec.min_score and (spec.subsets is None or c["subset"] in spec.subsets)
+        ]
+    except Exception as err:
+        raise SampleError(f"sample {key} cannot be decoded (its json: {type(err).__name__}: {err})") from None
+    if not rows:
+        return None
+    try:
+        stored = read_stored(raw[EXT_FEAT], spec.layers, spec.dtype)
+    except FeatureLayoutError as err:
+        raise LayoutError(f"sample {key}: {err}") from None
+    except Exception as err:
+        raise SampleError(f"sample {key} cannot be decoded ({EXT_FEAT}: {type(err).__name__}: {err})") from None
+    for path, array in stored.arrays.items() if check_finite else ():
+        if not all_finite(array, stored.dtype):
+            raise SampleError(f"sample {key}: layer {path} holds NaN or infinite values")
+        scale = stored.scales.get(path)
+        if scale is not None and not np.isfinite(scale).all():
+            raise SampleError(f"sample {key}: layer {path} has NaN or infinite scales")
+    try:
+        embeddings = np.load(io.BytesIO(raw[EXT_EMB]), allow_pickle=False)
+        with np.load(io.BytesIO(raw[EXT_MASKS]), allow_pickle=False) as z:
+            all_masks = z["masks"]
+        masks = all_masks[[classes[i]["mask_index"] for i in rows]]
+        embeddings = embeddings[rows]
     except Exception as err:
         raise SampleError(f"sample {key} cannot be decoded ({type(err).__name__}: {err})") from None
-    targets = [(i, m) for i, m in sample.targets(spec.min_score) if spec.subsets is None or sample.classes[i].subset in spec.subsets]
-    if not targets:
-        return None
-    features = {}
-    for path, shape in spec.layers:
-        array = sample.features[path]
-        if tuple(array.shape) != shape:
-            raise LayoutError(f"sample {key}: layer {path} is {list(array.shape)}, the set's layout says {list(shape)}")
-        if not np.isfinite(array).all():
-            raise SampleError(f"sample {key}: layer {path} holds NaN or infinite values")
-        features[path] = torch.from_numpy(np.ascontiguousarray(array))
-    rows = [i for i, _ in targets]
-    embeddings = sample.embeddings[rows]
     if embeddings.ndim != 2 or embeddings.shape[1] != spec.embedding_dim:
         raise LayoutError(f"sample {key}: class embeddings are {embeddings.shape[-1]}-d, the set's layout says {spec.embedding_dim}")
     if not np.isfinite(embeddings).all():
         raise SampleError(f"sample {key}: class embeddings hold NaN or infinite values")
-    masks = torch.from_numpy(np.stack([m for _, m in targets]).astype(np.float32))
-    item = {"key": key, "features": features, "queries": torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)), "names": [sample.classes[i].name for i in rows], "subsets": [sample.classes[i].subset for i in rows]}
+    item = {
+        "key": key,
+        "features": stored.arrays,
+        "scales": stored.scales,
+        "feature_dtype": stored.dtype,
+        "queries": torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)),
+        "names": [classes[i]["name"] for i in rows],
+        "subsets": [classes[i]["subset"] for i in rows],
+    }
+    masks = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.uint8))
     if spec.full_masks:
-        item["masks"] = masks.to(torch.uint8)
+        item["masks"] = masks
     if spec.mask_size is not None:
         size = (spec.mask_size, spec.mask_size)
-        item["targets"] = masks if tuple(masks.shape[1:]) == size else F.interpolate(masks[None], size=size, mode="area")[0]
+        # 0/1 at the mask's own size stay uint8 (the device makes them float); resized ones are area fractions
+        item["targets"] = masks if tuple(masks.shape[1:]) == size else F.interpolate(masks[None].float(), size=size, mode="area")[0]
     return item
 
 
-def collate(items: list[dict]) -> dict:
-    """One batch: stacked features, queries padded per batch with a validity mask."""
-    batch_size, width = len(items), max(len(it["names"]) for it in items)
-    first = items[0]
-    batch = {
-        "features": {path: torch.stack([it["features"][path] for it in items]) for path in first["features"]},
-        "queries": torch.zeros(batch_size, width, first["queries"].shape[1]),
-        "query_mask": torch.zeros(batch_size, width, dtype=torch.bool),
-        "names": [it["names"] for it in items],
-        "subsets": [it["subsets"] for it in items],
-        "keys": [it["key"] for it in items],
-    }
-    for name in ("targets", "masks"):
-        if name in first:
-            shape = first[name].shape[1:]
-            if any(it[name].shape[1:] != shape for it in items):
-                raise UserError(f"samples {first['key']} and others have {name} of different sizes", "use one image size per shard set")
-            batch[name] = torch.zeros(batch_size, width, *shape, dtype=first[name].dtype)
-    for b, it in enumerate(items):
-        q = len(it["names"])
-        batch["queries"][b, :q] = it["queries"]
-        batch["query_mask"][b, :q] = True
+_ALIGN = 64  # bytes: where each array of a batch starts in its storage
+POOL_SLOTS = 16  # buffers per worker: two per batch (features, small parts) prefetched or in use, slack
+
+
+def _new_storage(nbytes: int) -> torch.UntypedStorage:
+    """In a DataLoader worker, shared memory: sending the batch to the main process then
+    copies nothing (as torch's default_collate does)."""
+    return torch.UntypedStorage._new_shared(nbytes) if get_worker_info() is not None else torch.UntypedStorage(nbytes)
+
+
+class BufferPool:
+    """The shared-memory batch buffers of one worker, filled again once the main process has
+    let them go: fresh shared memory costs a page fault per 4 KiB, several times the copy.
+
+    ``board`` is this worker's row of a shared int8 table made by TrainLoader: 1 while the
+    main process may use a slot's buffer, 0 once TrainLoader released it (at its next
+    ``next()``). With no free slot a batch gets a fresh buffer: nothing waits, nothing is
+    overwritten while in use."""
+
+    def __init__(self, board: torch.Tensor | None = None, worker: int = 0) -> None:
+        self.board, self.worker = board, worker
+        self.held: dict[int, tuple[tuple, torch.UntypedStorage]] = {}
+
+    def storage(self, signature: tuple, nbytes: int) -> tuple[torch.UntypedStorage, tuple[int, int] | None]:
+        if self.board is not None:
+            for slot in range(len(self.board)):
+                if int(self.board[slot]) == 0:
+                    held = self.held.get(slot)
+                    if held is None or held[0] != signature:
+                        held = self.held[slot] = (signature, _new_storage(nbytes))
+                    self.board[slot] = 1
+                    return held[1], (self.worker, slot)
+        return _new_storage(nbytes), None
+
+
+def _pooled(shapes: dict, pool: BufferPool | None) -> tuple[dict, tuple[int, int] | None]:
+    """Tensors of the given (shape, NumPy dtype), views of one storage from ``pool``."""
+    plan, offset = [], 0
+    for name, (shape, dtype) in shapes.items():
+        offset = -(-offset // _ALIGN) * _ALIGN
+        plan.append((name, shape, dtype, offset))
+        offset += math.prod(shape) * dtype.itemsize
+    signature = tuple((name, shape, dtype.str) for name, shape, dtype, _ in plan)
+    storage, buffer = (pool or BufferPool()).storage(signature, max(offset, 1))
+    out = {}
+    for name, shape, dtype, start in plan:
+        like = torch.from_numpy(np.empty(0, dtype))
+        out[name] = like.new_empty(0).set_(storage, start // dtype.itemsize, shape)
+    return out, buffer
+
+
+class BatchBuilder:
+    """A batch filled as its samples are decoded: each sample's stored features are copied
+    into the batch's buffer (from the pool) and checked for finite values there, in one pass
+    over memory (the copy reads the mapped shard, the check reads the cache)."""
+
+    def __init__(self, batch_size: int, pool: BufferPool | None = None) -> None:
+        self.batch_size, self.pool = batch_size, pool
+        self._reset()
+
+    def _reset(self) -> None:
+        self.items: list[dict] = []
+        self.arrays: dict[tuple[str, str], torch.Tensor] | None = None
+        self.buffer: tuple[int, int] | None = None
+        self.dtype: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _allocate(self, item: dict) -> None:
+        shapes = {(group, path): ((self.batch_size, *a.shape), a.dtype) for group in ("features", "scales") for path, a in item[group].items()}
+        self.arrays, self.buffer = _pooled(shapes, self.pool)
+        self.dtype = item["feature_dtype"]
+
+    def add(self, item: dict) -> None:
+        """Copy one decoded item in; SampleError (nothing added) when it holds NaN or infinity."""
+        if self.arrays is None:
+            self._allocate(item)
+        elif item["feature_dtype"] != self.dtype:
+            raise LayoutError(f"sample {item['key']} stores features as {item['feature_dtype']}, the samples before it as {self.dtype}")
+        b = len(self.items)
+        for group in ("features", "scales"):
+            for path, src in item[group].items():
+                dst = self.arrays.get((group, path))
+                if dst is None or tuple(dst.shape[1:]) != src.shape:
+                    raise LayoutError(f"sample {item['key']}: {group} of layer {path} do not match the batch's")
+                if group == "features" and not copy_finite(dst[b].numpy(), src, self.dtype):
+                    raise SampleError(f"sample {item['key']}: layer {path} holds NaN or infinite values")
+                if group == "scales" and not copy_finite(dst[b].numpy(), src, "float32"):
+                    raise SampleError(f"sample {item['key']}: layer {path} has NaN or infinite scales")
+        self.items.append({k: v for k, v in item.items() if k not in ("features", "scales")})
+
+    def take(self) -> dict:
+        """The batch of the items added so far (features as views of the buffer); starts anew."""
+        items, arrays, buffer, dtype = self.items, self.arrays or {}, self.buffer, self.dtype
+        self._reset()
+        n = len(items)
+        features = {path: t[:n] for (group, path), t in arrays.items() if group == "features"}
+        if dtype == "bfloat16":
+            features = {path: t.view(torch.bfloat16) for path, t in features.items()}
+        width = max(len(it["names"]) for it in items)
+        first = items[0]
+        # the small parts share one pooled buffer too: one shared-memory handle per batch part
+        tail = {"queries": ((n, width, first["queries"].shape[1]), np.dtype(np.float32)), "query_mask": ((n, width), np.dtype(bool))}
         for name in ("targets", "masks"):
-            if name in it:
-                batch[name][b, :q] = it[name]
-    return batch
+            if name in first:
+                shape = tuple(first[name].shape[1:])
+                if any(tuple(it[name].shape[1:]) != shape for it in items):
+                    raise UserError(f"samples {first['key']} and others have {name} of different sizes", "use one image size per shard set")
+                tail[name] = ((n, width, *shape), torch.empty(0, dtype=first[name].dtype).numpy().dtype)
+        small, tail_buffer = _pooled(tail, self.pool)
+        for tensor in small.values():
+            tensor.zero_()
+        batch = {
+            "features": features,
+            "scales": {path: t[:n] for (group, path), t in arrays.items() if group == "scales"},
+            "feature_dtype": dtype,
+            "buffer": [b for b in (buffer, tail_buffer) if b is not None],
+            **small,
+            "names": [it["names"] for it in items],
+            "subsets": [it["subsets"] for it in items],
+            "keys": [it["key"] for it in items],
+        }
+        for b, it in enumerate(items):
+            q = len(it["names"])
+            batch["queries"][b, :q] = it["queries"]
+            batch["query_mask"][b, :q] = True
+            for name in ("targets", "masks"):
+                if name in it:
+                    batch[name][b, :q] = it[name]
+        return batch
+
+
+def collate(items: list[dict], pool: BufferPool | None = None) -> dict:
+    """One batch of decoded items: stacked features (stored dtype) and scales, queries padded
+    per batch with a validity mask. ``batch["buffer"]``: the pool slot holding the features."""
+    builder = BatchBuilder(len(items), pool)
+    for item in items:
+        builder.add(item)
+    return builder.take()
+
+
+def dequantize_tensor(x: torch.Tensor, dtype: str, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 values of a batch of stored features (B, C, ...), on whatever device ``x`` is:
+    the same numbers as ``iosd.featstore.dequantize``."""
+    if dtype == "fp8":
+        if hasattr(torch, "float8_e4m3fn"):
+            x = x.view(torch.float8_e4m3fn).float()
+        else:
+            from iosd.featstore import E4M3_TABLE
+
+            x = torch.from_numpy(E4M3_TABLE).to(x.device)[x.long()]
+    elif dtype == "bfloat16" and x.dtype != torch.bfloat16:
+        x = x.view(torch.bfloat16).float()
+    else:
+        x = x.float()
+    if dtype in SCALED:
+        x = x * scale.reshape(*scale.shape, *([1] * (x.dim() - scale.dim())))
+    return x
+
+
+def to_device_features(batch: dict, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """A batch's features moved to ``device`` in their stored dtype, then dequantised there
+    to float32 (a batch without ``feature_dtype`` is already float32)."""
+    dtype = batch.get("feature_dtype", "float32")
+    scales = batch.get("scales") or {}
+    out = {}
+    for path, x in batch["features"].items():
+        x = x.to(device, non_blocking=True)
+        scale = scales.get(path)
+        if scale is not None:
+            scale = scale.to(device, non_blocking=True)
+        out[path] = x if dtype == "float32" else dequantize_tensor(x, dtype, scale)
+    return out
 
 
 def _worker() -> tuple[int, int]:
@@ -186,14 +428,19 @@ class _Reader:
             return {"error": (f"corrupt input: {message}", "repair or remove it, or pass --on-corrupt warn to skip it")}
         return None
 
-    def _read(self, url: str, start: int, notes: list[str], stats: Counter) -> Iterator[tuple[int, dict | None]]:
-        """(index after this sample, item or None) for one shard, from sample ``start``."""
+    def _read(self, url: str, start: int, notes: list[str], stats: Counter, builder: BatchBuilder) -> Iterator[tuple[int, dict | None]]:
+        """(index after this sample, item or None) for one shard, from sample ``start``; each
+        item is added to ``builder`` (where its features are checked for finite values)."""
         try:
             for index, raw in enumerate(shard_samples(url, self.expected.get(url))):
                 if index < start:
                     continue
                 try:
-                    item = decode_item(raw, self.spec)
+                    item = decode_item(raw, self.spec, check_finite=False)
+                    if item is not None:
+                        if self.spec.dtype is None:
+                            self.spec = replace(self.spec, dtype=item["feature_dtype"])  # one dtype per set
+                        builder.add(item)
                 except SampleError as err:
                     stats["corrupt_samples"] += 1
                     error = self._problem(f"{url}: {err}")
@@ -235,6 +482,7 @@ class TrainStream(_Reader, IterableDataset):
         # with the worker that was next, so physical worker w serves logical worker w + rotate.
         self.rotate = rotate
         self.barren_limit = 3 * len(self.urls) + 10
+        self.board: torch.Tensor | None = None  # shared buffer-slot table, set by TrainLoader
 
     def url_at(self, position: int) -> str:
         """The shard at global position ``position`` of the endless sequence."""
@@ -247,25 +495,24 @@ class TrainStream(_Reader, IterableDataset):
         physical, workers = _worker()
         worker = (physical + self.rotate) % workers
         slot, slots = self.rank * workers + worker, self.world * workers
+        pool = BufferPool(self.board[physical] if self.board is not None else None, physical)
         shard, start = self.start.get(slot, (0, 0))
-        items: list[dict] = []
+        builder = BatchBuilder(self.batch_size, pool)
         notes: list[str] = []
         stats: Counter = Counter()
         barren = 0
         while True:
             url = self.url_at(slot + shard * slots)
             used_before = stats["used"]
-            for after, item in self._read(url, start, notes, stats):
+            for after, item in self._read(url, start, notes, stats, builder):
                 if item is not None and "error" in item:
                     yield item
                     return
-                if item is not None:
-                    items.append(item)
-                if len(items) == self.batch_size:
-                    batch = collate(items)
+                if len(builder) == self.batch_size:
+                    batch = builder.take()
                     batch.update(worker=worker, position=(shard, after), notes=notes)
                     yield batch
-                    items, notes = [], []
+                    notes = []
             shard, start = shard + 1, 0
             barren = 0 if stats["used"] > used_before else barren + 1
             if barren >= self.barren_limit:
@@ -283,21 +530,24 @@ class ValStream(_Reader, IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         worker, workers = _worker()
         slot, slots = self.rank * workers + worker, self.world * workers
-        items: list[dict] = []
+        builder = BatchBuilder(self.batch_size)
         notes: list[str] = []
         stats: Counter = Counter()
         for url in self.urls[slot::slots]:
-            for _, item in self._read(url, 0, notes, stats):
+            for _, item in self._read(url, 0, notes, stats, builder):
                 if item is not None and "error" in item:
                     yield item
                     return
-                if item is not None:
-                    items.append(item)
-                if len(items) == self.batch_size:
-                    yield {**collate(items), "notes": notes}
-                    items, notes = [], []
-        if items or notes:
-            yield {**(collate(items) if items else {"empty": True}), "notes": notes}
+                if len(builder) == self.batch_size:
+                    yield {**_float_batch(builder.take()), "notes": notes}
+                    notes = []
+        if len(builder) or notes:
+            yield {**(_float_batch(builder.take()) if len(builder) else {"empty": True}), "notes": notes}
+
+
+def _float_batch(batch: dict) -> dict:
+    """Validation batches carry float32 features (its pass moves them to the device as they are)."""
+    return {**batch, "features": to_device_features(batch, "cpu"), "scales": {}, "feature_dtype": "float32", "buffer": []}
 
 
 def start_positions(saved: dict | None, *, identity: str, rank: int, world: int, workers: int) -> tuple[dict[int, tuple[int, int]], int, str | None]:
@@ -319,13 +569,22 @@ def start_positions(saved: dict | None, *, identity: str, rank: int, world: int,
 
 
 class TrainLoader:
-    """The rank's batch iterator: workers decode, this side tracks what was consumed."""
+    """The rank's batch iterator: workers decode, this side tracks what was consumed.
+
+    A batch's feature tensors are valid until the next call to ``next()``: workers then fill
+    their shared-memory buffers again (copy them, e.g. to the device, before asking for the
+    next batch; the trainer's ``_to_device`` does)."""
 
     def __init__(self, stream: TrainStream, workers: int, *, pin_memory: bool = False, prefetch: int = 4) -> None:
         self.stream, self.workers = stream, max(0, workers)
         options = {"num_workers": self.workers, "batch_size": None, "pin_memory": pin_memory}
+        # which batch buffers the main process still uses (see BufferPool); made before the workers start
+        self.board = torch.zeros(max(self.workers, 1), max(POOL_SLOTS, 2 * (prefetch + 3)), dtype=torch.int8)
         if self.workers:
             options.update(prefetch_factor=prefetch, persistent_workers=False, multiprocessing_context=_mp_context(), worker_init_fn=_ignore_sigint)
+            self.board.share_memory_()
+        stream.board = self.board
+        self.in_use: list[tuple[int, int]] = []
         self.loader = DataLoader(stream, **options)
         self.iterator = iter(self.loader)
         n = max(self.workers, 1)
@@ -341,6 +600,8 @@ class TrainLoader:
     def next(self, note) -> dict:
         """The next batch; notes from workers go to ``note``; a worker's error becomes a UserError."""
         batch = next(self.iterator)
+        self._release()
+        self.in_use = batch.pop("buffer", None) or []
         if "error" in batch:
             raise UserError(*batch["error"])
         for message in batch.pop("notes", []):
@@ -348,6 +609,12 @@ class TrainLoader:
         self.positions[batch.pop("worker")] = tuple(batch.pop("position"))
         self.consumed += 1
         return batch
+
+    def _release(self) -> None:
+        """The previous batch's buffer may be filled again."""
+        for worker, slot in self.in_use:
+            self.board[worker, slot] = 0
+        self.in_use = []
 
     def close(self) -> None:
         del self.iterator
@@ -368,10 +635,14 @@ def val_batches(stream: ValStream, workers: int, note) -> Iterator[dict]:
 
 
 def _ignore_sigint(_worker_id: int) -> None:
-    """Ctrl-C is the trainer's to handle (it saves a checkpoint); workers just keep decoding."""
+    """Ctrl-C is the trainer's to handle (it saves a checkpoint); workers just keep decoding,
+    each on one core (blosc's own threads would only contend with the other workers)."""
     import signal
 
+    import numcodecs.blosc
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    numcodecs.blosc.use_threads = False
 
 
 def _mp_context():

@@ -1,22 +1,26 @@
 """Grounding heads: cached UNet features + a class embedding -> mask logits.
 
-Two architectures share one interface (``build_head(kind, layout, **options)``):
+Four architectures share one interface (``build_head(kind, layout, **options)``, see
+:class:`~iosd.train.paper_heads.FeatureHead`); ``HEADS`` maps each kind to its class:
 
-- ``gd``   Grounded Diffusion (ICCV'23): the resolution groups are reduced by 1x1 convs and
-  mixed from low to high into one per-pixel map; 3 DETR decoder layers let the class
+- ``iosd`` / ``gd``: the papers' official segmentation modules, exact in architecture and
+  parameter count (``paper_heads.py``): IOSD's Segmodule (50,032,256 parameters on SDXL) and
+  Grounded Diffusion's (18,796,560 on SD 1.x), with attention made per image.
+- ``gd-lite`` Grounded Diffusion's design, lighter: the resolution groups are reduced by 1x1
+  convs and mixed from low to high into one per-pixel map; 3 DETR decoder layers let the class
   queries attend to that map's patches.
-- ``iosd`` IOSD: every resolution group gets its own conv block and joins the previous
-  level, giving one map per level (low ... high, final); the fusion decoder has one layer
-  per level and visits the levels in that order, refining the query from coarse to fine.
+- ``iosd-lite`` IOSD's design, lighter: every resolution group gets its own conv block and joins
+  the previous level, giving one map per level (low ... high, final); the fusion decoder has one
+  layer per level and visits the levels in that order, refining the query from coarse to fine.
 
 Unlike the published GD code, attention is batched per image (queries never see another
-image), padded queries are masked out of self-attention, and only per-sample norms
-(GroupNorm/LayerNorm) are used, so a sample's output never depends on its batch mates.
+image) and padded queries are masked out of self-attention. The lite heads use only per-sample
+norms (GroupNorm/LayerNorm), so a sample's output never depends on its batch mates; the
+official modules keep their BatchNorm, which couples the images of a batch in training mode.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -24,9 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from iosd.errors import UserError
-from iosd.layers import group_by_resolution
+from iosd.train.paper_heads import FeatureHead, GDHead, IOSDHead, layout_groups
 
-KINDS = ("iosd", "gd")
 # Paper defaults (GD code: d=512, 8 heads, 3 layers, FFN 2048, no dropout, 240 channels,
 # keys/values from 4x4 patches of the 64x64 map: 256 tokens at 512 px).
 DEFAULTS = {
@@ -37,18 +40,35 @@ DEFAULTS = {
     "patch": 4,
 }
 GD_LAYERS = 3
-OPTION_NAMES = ("layers", "visual_channels", "mask_size", *DEFAULTS)
+OPTION_NAMES = ("layers", "visual_channels", "mask_size", *DEFAULTS)  # the lite heads' options
 
 
-def build_head(kind: str, layout: dict, **options) -> GroundingHead:
+def build_head(kind: str, layout: dict, **options) -> FeatureHead:
     """The head named ``kind`` for features shaped as in ``layout`` (see feature_layout)."""
-    if kind not in KINDS:
+    cls = HEADS.get(kind)
+    if cls is None:
         raise UserError(f"unknown head kind {kind!r}", f"use one of {', '.join(KINDS)}")
-    unknown = sorted(set(options) - set(OPTION_NAMES))
+    unknown = sorted(set(options) - set(cls.OPTIONS))
     if unknown:
-        raise UserError(f"unknown head option(s) {', '.join(unknown)}", f"use {', '.join(OPTION_NAMES)}")
-    config = _resolve_config(kind, _check_layout(layout), options)
-    return (IOSDHead if kind == "iosd" else GDHead)(config)
+        raise UserError(f"unknown head option(s) {', '.join(unknown)} for a {kind} head", f"use {', '.join(cls.OPTIONS)}")
+    return cls(cls.resolve_config(kind, _check_layout(layout), options))
+
+
+def head_gflops(kind: str, layout: dict, queries: int = 2, **options) -> float:
+    """Training cost per sample: GFLOP of one forward and backward pass, batch 1, ``queries`` classes.
+
+    Counted by torch's FlopCounterMode on the meta device (matmuls, convs, attention; norms,
+    activations and resizes are not counted), with the parameters trainable, the features not.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        head = build_head(kind, layout, **options).train()
+        features = {path: torch.empty(1, *shape) for path, shape in head.config["layout"]["layers"]}
+        embeddings = torch.empty(1, int(queries), head.config["layout"]["embedding_dim"])
+    with FlopCounterMode(display=False) as counter:
+        head(features, embeddings).sum().backward()
+    return counter.get_total_flops() / 1e9
 
 
 def _check_layout(layout: dict) -> dict:
@@ -71,16 +91,16 @@ def _check_layout(layout: dict) -> dict:
     return {"layers": layers, "embedding_dim": dim}
 
 
-def _resolve_config(kind: str, layout: dict, options: dict) -> dict:
-    """Every architectural choice spelled out, so build_head(**config) rebuilds the same net."""
+def _resolve_config(kind: str, layout: dict, options: dict, pyramid: bool) -> dict:
+    """The lite heads' choices spelled out, so build_head(**config) rebuilds the same net."""
     config = {"kind": kind, "layout": layout, **DEFAULTS}
     config.update({k: v for k, v in options.items() if k in DEFAULTS and v is not None})
     groups = _groups(layout)
     sides = [side for side, _ in groups]
-    levels = len(groups) + 1 if kind == "iosd" else None
+    levels = len(groups) + 1 if pyramid else None
     layers = options.get("layers")
-    if kind == "iosd" and layers is not None and int(layers) != levels:
-        raise UserError(f"iosd uses one fusion layer per pyramid level ({levels} here), not {layers}", "leave layers unset for iosd")
+    if pyramid and layers is not None and int(layers) != levels:
+        raise UserError(f"{kind} uses one fusion layer per pyramid level ({levels} here), not {layers}", f"leave layers unset for {kind}")
     config["layers"] = int(layers if layers is not None else (levels or GD_LAYERS))
     channels = options.get("visual_channels")
     if channels is None:
@@ -103,10 +123,7 @@ def _resolve_config(kind: str, layout: dict, options: dict) -> dict:
     return config
 
 
-def _groups(layout: dict) -> list[tuple[int, list[str]]]:
-    """(side, layer paths) per resolution group, lowest resolution first."""
-    shapes = {path: shape for path, shape in layout["layers"]}
-    return [(shapes[paths[0]][-1], paths) for paths in group_by_resolution(shapes)]
+_groups = layout_groups  # (side, layer paths) per resolution group, lowest resolution first
 
 
 def _default_width(side: int) -> int:
@@ -216,15 +233,19 @@ class GroupReducer(nn.Module):
         return self.conv(torch.cat([features[p] for p in self.paths], dim=1))
 
 
-class GroundingHead(nn.Module):
-    """Common part: input checks, query projection, decoder stack, mask readout."""
+class GroundingHead(FeatureHead):
+    """Common part of the lite heads: query projection, decoder stack, mask readout."""
+
+    OPTIONS = OPTION_NAMES
+    PYRAMID = False  # one decoder layer per pyramid level (iosd-lite) or GD_LAYERS over one map
+
+    @classmethod
+    def resolve_config(cls, kind: str, layout: dict, options: dict) -> dict:
+        return _resolve_config(kind, layout, options, cls.PYRAMID)
 
     def __init__(self, config: dict) -> None:
-        super().__init__()
-        self.config = copy.deepcopy(config)
+        super().__init__(config)
         c = self.config
-        self.shapes = {path: tuple(shape) for path, shape in c["layout"]["layers"]}
-        self.groups = _groups(c["layout"])
         self.reducers = nn.ModuleList(
             GroupReducer(paths, sum(self.shapes[p][0] for p in paths), width)
             for (_, paths), width in zip(self.groups, c["visual_channels"], strict=True)
@@ -262,23 +283,9 @@ class GroundingHead(nn.Module):
         size = self.config["mask_size"]
         return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
-    def _check_inputs(self, features: dict[str, Tensor], queries: Tensor, query_mask: Tensor | None) -> None:
-        dim = self.config["layout"]["embedding_dim"]
-        if queries.dim() != 3 or queries.shape[-1] != dim:
-            raise UserError(f"queries have shape {tuple(queries.shape)}, expected (B, Q, {dim})", "use class embeddings of the head's dataset")
-        batch = queries.shape[0]
-        for path, shape in self.shapes.items():
-            if path not in features:
-                raise UserError(f"feature layer {path} is missing", "use features with the head's layout")
-            got = tuple(features[path].shape)
-            if got != (batch, *shape):
-                raise UserError(f"feature layer {path} has shape {got}, expected {(batch, *shape)}", "use features with the head's layout")
-        if query_mask is not None and tuple(query_mask.shape) != tuple(queries.shape[:2]):
-            raise UserError(f"query_mask has shape {tuple(query_mask.shape)}, expected {tuple(queries.shape[:2])}")
 
-
-class GDHead(GroundingHead):
-    """Grounded Diffusion: one mixed per-pixel map; every decoder layer attends to its patches."""
+class GDLiteHead(GroundingHead):
+    """gd-lite: one mixed per-pixel map; every decoder layer attends to its patches."""
 
     def __init__(self, config: dict) -> None:
         super().__init__(config)
@@ -301,8 +308,10 @@ class GDHead(GroundingHead):
         return levels * len(self.decoder)
 
 
-class IOSDHead(GroundingHead):
-    """IOSD pyramid: one map per resolution level plus a final one; one decoder layer each."""
+class IOSDLiteHead(GroundingHead):
+    """iosd-lite: one map per resolution level plus a final one; one decoder layer each."""
+
+    PYRAMID = True
 
     def __init__(self, config: dict) -> None:
         super().__init__(config)
@@ -329,3 +338,13 @@ class IOSDHead(GroundingHead):
 
     def level_schedule(self, levels):
         return levels
+
+
+# kind -> head class: a new head is one entry here.
+HEADS: dict[str, type[FeatureHead]] = {
+    "iosd": IOSDHead,
+    "gd": GDHead,
+    "iosd-lite": IOSDLiteHead,
+    "gd-lite": GDLiteHead,
+}
+KINDS = tuple(HEADS)

@@ -22,6 +22,7 @@ import torch
 from iosd import __version__
 from iosd.errors import UserError
 from iosd.manifest import layout_mismatch
+from iosd.recipes import FAST_RECIPE, Resolved, check_recipe_layout, get_recipe, recipe_of, resolve
 from iosd.train import checkpoint as ckpt
 from iosd.train.data import (
     ON_CORRUPT,
@@ -49,27 +50,30 @@ def _foreign_files(run_dir: Path) -> set[str]:
 
 
 # Fixed by the checkpoint: a resumed run may not change them.
-ARCHITECTURE = ("head", "head_options")
+ARCHITECTURE = ("head", "head_options", "recipe")
+RECIPE_OPTIONS = tuple(get_recipe(FAST_RECIPE).settings["train"])
 
-# Defaults measured on the CPU shapes world (see README / bench/train.py): they reach a
-# held-out seen mIoU >= 0.8 in a few CPU minutes; on SDXL shards raise --steps.
-DEFAULT_STEPS = 1000
-DEFAULT_BATCH = 8
+LOSS_SIZES = ("image", "head")  # the loss at the image's resolution (the papers), or the head's own map
 
 
 @dataclass
 class TrainConfig:
+    """Options of one training run. Those left None come from the recipe (the shards' own
+    unless ``recipe`` names another), filled in once the shard set is known."""
+
     shards: str
-    head: str = "iosd"
-    steps: int = DEFAULT_STEPS
-    batch_size: int = DEFAULT_BATCH
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
+    recipe: str | None = None
+    head: str | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
     warmup: int = 0
-    schedule: str = "constant"
-    decay_every: int = 6000
-    decay_factor: float = 0.5
-    dice: float = 0.0
+    schedule: str | None = None
+    decay_every: int | None = None
+    decay_factor: float | None = None
+    loss_size: str | None = None
+    dice: float | None = None
     min_score: float = 0.0
     subset: str = "seen"
     val: str | None = None
@@ -110,6 +114,8 @@ class TrainConfig:
             raise UserError(f"--decay-factor must be > 0 (got {self.decay_factor})", "pass e.g. 0.5")
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown --schedule {self.schedule!r}", f"use one of {', '.join(SCHEDULES)}")
+        if self.loss_size not in LOSS_SIZES:
+            raise UserError(f"unknown --loss-size {self.loss_size!r}", f"use one of {', '.join(LOSS_SIZES)}")
         if self.subset not in SUBSETS:
             raise UserError(f"unknown --subset {self.subset!r}", f"use one of {', '.join(SUBSETS)}")
         if self.on_corrupt not in ON_CORRUPT:
@@ -148,9 +154,10 @@ def _mask_loss():
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, explicit: frozenset[str] = frozenset()) -> None:
-        self.cfg = cfg.check()
-        self.explicit = explicit
+    def __init__(self, cfg: TrainConfig, explicit: frozenset[str] | None = None) -> None:
+        self.cfg = cfg
+        # options given by the user; from Python, every option that is not None
+        self.explicit = explicit if explicit is not None else frozenset(k for k, v in asdict(cfg).items() if v is not None and k in RECIPE_OPTIONS)
         self.env = setup(cfg.device)
         self.notes: list[str] = []
         self.progress: Progress | None = None
@@ -169,16 +176,20 @@ class Trainer:
 
     # -- setup -----------------------------------------------------------------------------
     def _prepare(self) -> None:
-        cfg = self.cfg
-        self.shards = resolve_shards(cfg.shards)
-        self.run_dir = Path(cfg.out or default_out(self.shards, cfg.head))
+        self.shards = resolve_shards(self.cfg.shards)
         self.resumed: dict | None = None
         self.start_over = False
-        if cfg.resume:
+        filled, resolved = self._with_recipe(self.cfg)
+        self.run_dir = Path(self.cfg.out or default_out(self.shards, filled.head))
+        if self.cfg.resume:
             self.resumed, self.resume_weights = self._check_resume()
-            cfg = self.cfg = self._merge_resumed(self.resumed)
+            # the run's own options; a run saved before recipes gets the rest from its shards' recipe
+            filled, _ = self._with_recipe(self._merge_resumed(self.resumed))
+            self.recipe = self.resumed.get("recipe") or {"name": filled.recipe}
         else:
+            self.recipe = {"name": resolved.recipe, "train": resolved.record(), "shards": (self.shards.manifest or {}).get("recipe")}
             self._check_fresh_dir()
+        cfg = self.cfg = filled.check()
         for message in self.shards.notes:
             self.note(message)
         self.val_shards = None
@@ -195,6 +206,31 @@ class Trainer:
             except OSError as err:
                 raise UserError(f"cannot create --out {self.run_dir} ({err.strerror})", "choose a writable directory") from None
         self.env.barrier()
+
+    def _with_recipe(self, cfg: TrainConfig) -> tuple[TrainConfig, Resolved]:
+        """Options left None filled from the recipe: the one named, else the shards' own."""
+        manifest = self.shards.manifest or {}
+        own = recipe_of(manifest)
+        name = cfg.recipe or own
+        if name is None:
+            name = FAST_RECIPE  # shard sets written before recipes were made this way
+            message = f"{cfg.shards} records no recipe (written before recipes): training with recipe {name!r}"
+            if message not in self.notes:
+                self.note(message)
+        check_recipe_layout(name, own, [p for p, _ in self.shards.layout["layers"]], cfg.shards)
+        classes = (manifest.get("classes") or {}).get("name")
+        resolved = resolve(name, "train", asdict(cfg), classes=classes)
+        values = {**asdict(cfg), **resolved.values, "recipe": name}
+        return TrainConfig(**values), resolved
+
+    def show_config(self) -> None:
+        """Print the resolved settings of this run (recipe and user), then nothing else."""
+        from iosd.recipes import show_config
+
+        self.shards = resolve_shards(self.cfg.shards)
+        filled, resolved = self._with_recipe(self.cfg)
+        filled.check()
+        show_config(resolved)
 
     def _check_fresh_dir(self) -> None:
         d = self.run_dir
@@ -256,7 +292,7 @@ class Trainer:
             self.head = build_head(**self.resumed["head"])
             ckpt.load_weights(self.head, self.resume_weights)
         else:
-            self.head = build_head(cfg.head, self.shards.layout, **cfg.head_options)
+            self.head = build_head(cfg.head, self.shards.layout, **self._head_options())
             if cfg.init:
                 info, weights = ckpt.read_checkpoint(cfg.init)
                 diff = layout_mismatch(info["layout"], self.shards.layout)
@@ -288,6 +324,14 @@ class Trainer:
         self.model = model
         self.loss_fn = _mask_loss()
 
+    def _head_options(self) -> dict:
+        """--head-option values, plus the mask size the loss is computed at (the recipe's)."""
+        options = dict(self.cfg.head_options)
+        image = (self.shards.manifest or {}).get("image_size")
+        if self.cfg.loss_size == "image" and image and "mask_size" not in options:
+            options["mask_size"] = int(image[0])
+        return options
+
     def autocast(self):
         if not self.amp:
             return contextlib.nullcontext()
@@ -297,7 +341,7 @@ class Trainer:
         cfg = self.cfg
         workers = cfg.workers if cfg.workers is not None else default_workers(self.env)
         self.workers = workers
-        spec = DecodeSpec.from_layout(self.shards.layout, min_score=cfg.min_score, subsets=("seen",) if cfg.subset == "seen" else None, mask_size=self.mask_size)
+        spec = DecodeSpec.for_shards(self.shards, min_score=cfg.min_score, subsets=("seen",) if cfg.subset == "seen" else None, mask_size=self.mask_size)
         saved = self.resumed["train"]["data_position"] if self.resumed else None
         starts, rotate, why = start_positions(saved, identity=self.shards.identity, rank=self.env.rank, world=self.env.world, workers=workers)
         if why and self.env.main:
@@ -307,12 +351,14 @@ class Trainer:
 
     # -- one step --------------------------------------------------------------------------
     def _to_device(self, batch: dict) -> dict:
+        from iosd.train.data import to_device_features  # features travel in their stored dtype
+
         dev = self.env.device
         return {
-            "features": {k: v.to(dev, non_blocking=True) for k, v in batch["features"].items()},
+            "features": to_device_features(batch, dev),  # dequantised to float32 on the device
             "queries": batch["queries"].to(dev, non_blocking=True),
             "query_mask": batch["query_mask"].to(dev, non_blocking=True),
-            "targets": batch["targets"].to(dev, non_blocking=True),
+            "targets": batch["targets"].to(dev, non_blocking=True).float(),  # 0/1 masks come as uint8
         }
 
     def train_step(self, batch: dict) -> torch.Tensor:
@@ -350,6 +396,7 @@ class Trainer:
         samples = self.step * cfg.batch_size * self.env.world
         return {
             "step": self.step,
+            "recipe": self.recipe,
             "head": self.head.config,
             "layout": self.shards.layout,
             "embedding": manifest.get("embedding"),
@@ -446,6 +493,7 @@ class Trainer:
         seconds = time.perf_counter() - started
         summary = {
             "run": str(self.run_dir),
+            "recipe": self.cfg.recipe,
             "step": self.step,
             "interrupted": self.step < cfg.steps,
             "loss": last.get("loss"),
@@ -486,6 +534,6 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def train(cfg: TrainConfig, explicit: frozenset[str] = frozenset()) -> dict:
+def train(cfg: TrainConfig, explicit: frozenset[str] | None = None) -> dict:
     """Train a head as configured; returns a summary (run directory, final loss, val mIoU)."""
     return Trainer(cfg, explicit).run()
