@@ -34,6 +34,12 @@ def current_umask() -> int:
     return mask
 
 
+def share_like_output(path: str | Path) -> None:
+    """Give a file some library wrote owner-only (safetensors' ``save_file`` writes 0o600) the
+    mode any other tool's output gets: 0o666 less the umask."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 def mkstemp_shared(path: str | Path, *, suffix: str = ".tmp") -> tuple[int, str]:
     """``tempfile.mkstemp`` beside ``path`` (a hidden name), with the mode any other tool's
     output gets: 0o666 less the umask, not mkstemp's owner-only 0o600. For writers that

@@ -25,6 +25,7 @@ DEFAULT_MODEL = "stabilityai/sdxl-turbo"
 TINY = "tiny"  # random-weight SDXL (pipeline/tiny.py)
 TINY_SD1 = "tiny-sd1"  # random-weight SD 1.x (pipeline/tiny.py)
 TINY_MODELS = (TINY, TINY_SD1)
+RANDOM_WEIGHTS_MARKER = "random-weights.json"  # in a directory of a real architecture with random weights (scripts/build-real-model.py)
 TINY_MODEL_SEED = 0  # the tiny model's identity: gen, train and predict must see the same weights
 
 
@@ -69,7 +70,8 @@ def load_model(model: str, *, device: str = "auto", revision: str | None = None)
     pipe.vae.to(dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     resolved = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", model)
-    info = {"id": model, "revision": revision or _snapshot_revision(str(resolved)), "dtype": str(dtype).removeprefix("torch."), "family": family.name, "random_weights": False}
+    info = {"id": model, "revision": revision or _snapshot_revision(str(resolved)), "dtype": str(dtype).removeprefix("torch."), "family": family.name,
+            "random_weights": local is not None and (Path(local) / RANDOM_WEIGHTS_MARKER).exists()}
     return LoadedModel(pipe, dev, dtype, info, family.name)
 
 

@@ -46,7 +46,9 @@ def write_everything(root) -> list:
     run = root / "run"
     save_checkpoint(run, torch.nn.Linear(2, 2), {"step": 1})
     report = write_report(root / "report", results(), {"checkpoint": {"path": "x"}})
-    return [shards / MANIFEST_NAME, shards / WIDS_INDEX_NAME, run / CHECKPOINT_NAME, report["json"], report["md"], report["chart"]]
+    weights = sorted((run / "checkpoints").glob("step-*/*.safetensors"))
+    assert weights  # safetensors writes 0o600 on its own
+    return [shards / MANIFEST_NAME, shards / WIDS_INDEX_NAME, run / CHECKPOINT_NAME, *weights, report["json"], report["md"], report["chart"]]
 
 
 @pytest.mark.parametrize(("mask", "expected"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])

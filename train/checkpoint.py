@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from iosd import __version__
 from iosd.errors import UserError
-from iosd.manifest import write_json_atomic
+from iosd.manifest import share_like_output, write_json_atomic
 
 CHECKPOINT_NAME = "checkpoint.json"
 MODEL_NAME = "model.safetensors"
@@ -93,11 +93,13 @@ def save_checkpoint(run_dir: str | Path, head: torch.nn.Module, info: dict, *, o
     try:
         weights = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
         save_file(weights, tmp / MODEL_NAME, metadata={"format": FORMAT, "step": str(info["step"])})
+        share_like_output(tmp / MODEL_NAME)
         if optimizer is not None:
             tensors, meta = flatten_optimizer(optimizer.state_dict())
             tensors.update(rng_tensors())
             meta["scaler"] = scaler.state_dict() if scaler is not None and scaler.is_enabled() else None
             save_file(tensors, tmp / OPTIMIZER_NAME, metadata={"format": FORMAT, "meta": json.dumps(meta)})
+            share_like_output(tmp / OPTIMIZER_NAME)
         write_json_atomic(tmp / CHECKPOINT_NAME, {**info, "weights": "."})
         _fsync_dir(tmp)
         final = steps / name
