@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from iosd.errors import UserError
-from iosd.train.paper_heads import FeatureHead, GDHead, IOSDHead, layout_groups
+from iosd.train.paper_heads import MLP, FeatureHead, GDHead, IOSDHead, layout_groups
 
 # Paper defaults (GD code: d=512, 8 heads, 3 layers, FFN 2048, no dropout, 240 channels,
 # keys/values from 4x4 patches of the 64x64 map: 256 tokens at 512 px).
@@ -156,20 +156,6 @@ class MixBlock(nn.Module):
         h = self.conv1(F.relu(self.norm1(x)))
         h = self.conv2(F.relu(self.norm2(h)))
         return self.shortcut(x) + h
-
-
-class MLP(nn.Module):
-    """Linear layers with ReLU between them (DETR's mask-embedding MLP)."""
-
-    def __init__(self, dim_in: int, hidden: int, dim_out: int, layers: int) -> None:
-        super().__init__()
-        dims = [dim_in] + [hidden] * (layers - 1) + [dim_out]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
-
-    def forward(self, x: Tensor) -> Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
-        return x
 
 
 def sine_positions(side: int, dim: int, device: torch.device, dtype: torch.dtype) -> Tensor:

@@ -154,18 +154,22 @@ def _widths(kind: str, value, groups: list, default: list[int], expected: str) -
     return [_int_option("visual_channels", v) for v in value]
 
 
-def _resolve(kind: str, layout: dict, options: dict, defaults: dict) -> dict:
-    """Common options: the decoder's sizes, dropout, patch, mask size (8x the highest side)."""
+def _resolve_visual(kind: str, layout: dict, options: dict, defaults: dict, official_layout: str) -> tuple[dict, dict, list]:
+    """Options both paper heads share: the decoder's sizes, dropout, patch, mask size (8x the
+    highest side) and one reduction width per resolution group. Returns the config, the options
+    given (None dropped) and the layout's resolution groups, for each head's own options."""
     config = {"kind": kind, "layout": layout}
     given = {k: v for k, v in options.items() if v is not None}
+    groups = layout_groups(layout)
     for name in ("d_model", "heads", "ffn", "patch"):
         config[name] = _int_option(name, given.get(name, defaults[name]))
     if config["d_model"] % config["heads"]:
         raise UserError(f"d_model {config['d_model']} is not divisible by heads {config['heads']}", "pick heads dividing d_model")
     config["dropout"] = _dropout_option(given.get("dropout", defaults["dropout"]))
-    top = max(side for side, _ in layout_groups(layout))
+    top = max(side for side, _ in groups)
     config["mask_size"] = _int_option("mask_size", given.get("mask_size", 8 * top))
-    return config
+    config["visual_channels"] = _widths(kind, given.get("visual_channels"), groups, defaults["visual_channels"], official_layout)
+    return config, given, groups
 
 
 def _check_patch(patch: int, sides: list[int]) -> None:
@@ -210,7 +214,7 @@ class SegBlock(nn.Module):
 
 
 class MLP(nn.Module):
-    """Linear layers with bias, ReLU between them (DETR's MLP)."""
+    """Linear layers with bias, ReLU between them (DETR's MLP; every head's query and mask MLPs)."""
 
     def __init__(self, dim_in: int, hidden: int, dim_out: int, layers: int = 3) -> None:
         super().__init__()
@@ -307,10 +311,7 @@ class IOSDHead(FeatureHead):
     @classmethod
     def resolve_config(cls, kind: str, layout: dict, options: dict) -> dict:
         d = cls.DEFAULTS
-        config = _resolve(kind, layout, options, d)
-        given = {k: v for k, v in options.items() if v is not None}
-        groups = layout_groups(layout)
-        config["visual_channels"] = _widths(kind, given.get("visual_channels"), groups, d["visual_channels"], IOSD_OFFICIAL_LAYOUT)
+        config, given, groups = _resolve_visual(kind, layout, options, d, IOSD_OFFICIAL_LAYOUT)
         config["final_channels"] = _int_option("final_channels", given.get("final_channels", d["final_channels"]))
         config["layers_per_level"] = _int_option("layers_per_level", given.get("layers_per_level", d["layers_per_level"]))
         # The official MLPs are 2048 -> 2*d -> d and d -> 2*d -> 256.
@@ -383,10 +384,7 @@ class GDHead(FeatureHead):
     @classmethod
     def resolve_config(cls, kind: str, layout: dict, options: dict) -> dict:
         d = cls.DEFAULTS
-        config = _resolve(kind, layout, options, d)
-        given = {k: v for k, v in options.items() if v is not None}
-        groups = layout_groups(layout)
-        config["visual_channels"] = _widths(kind, given.get("visual_channels"), groups, d["visual_channels"], GD_OFFICIAL_LAYOUT)
+        config, given, groups = _resolve_visual(kind, layout, options, d, GD_OFFICIAL_LAYOUT)
         config["layers"] = _int_option("layers", given.get("layers", d["layers"]))
         # The official mask MLP is d -> d -> 240.
         config["mask_mlp_hidden"] = _int_option("mask_mlp_hidden", given.get("mask_mlp_hidden", config["d_model"]))
