@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 CORE   := $(VENV)/.iosd-core
 STAMP  := $(VENV)/.iosd-installed
 
-.PHONY: install mmcv demo test lint bench clean
+.PHONY: install mmcv demo test lint bench clean protocol2
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ mmcv:
 
 demo: $(CORE)
 	PATH=$(abspath $(BIN)):$$PATH scripts/demo.sh
+
+# GD's Protocol II on the CPU world: head on seen shapes -> iosd-synth the unseen ones -> MMSeg
+# segmenter trained on them, scored on exact-mask images next to its exact-mask upper bound.
+protocol2: install
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python scripts/protocol2.py $(PROTOCOL2_ARGS)
 
 test: install
 	$(BIN)/ruff check .

@@ -37,6 +37,26 @@ def _check_split(info: dict, classes: str | None, split: int | None):
     return trained
 
 
+def _labelled_test_set(test_shards: Path | None, objects: str) -> Path | None:
+    """--test-shards that iosd-gen made from the user's own labelled images (--source coco:/folder:):
+    scored as they are, never built or extended here; None for any other test set."""
+    from iosd.manifest import read_manifest
+    from iosd.pipeline.sources import LABELLED_SOURCES, source_kind
+    from iosd.schema import MANIFEST_NAME
+
+    if test_shards is None or not (Path(test_shards) / MANIFEST_NAME).is_file():
+        return None
+    manifest = read_manifest(test_shards)
+    source = str((manifest.get("config") or {}).get("source") or "")
+    if source_kind(source) not in LABELLED_SOURCES:
+        return None
+    if objects != "1":
+        raise UserError(f"{test_shards} holds your own images ({source}): they have no two-object prompt groups", "drop --objects 2")
+    if not manifest.get("complete"):
+        raise UserError(f"{test_shards} is incomplete", f"finish it by rerunning the iosd-gen --source {source} command that began it")
+    return Path(test_shards)
+
+
 def _protocol(info: dict, recipe: str | None, given: dict):
     """The evaluation settings: the recipe's (the checkpoint's own unless named), then the user's."""
     from iosd.recipes import FAST_RECIPE, check_recipe_layout, recipe_of, resolve
@@ -97,8 +117,10 @@ def main(recipe, show_config, checkpoint, classes, split, test_shards, images_pe
     split_ = _check_split(info, classes, split)
     if report_dir is not None:
         writable_dir(report_dir)
-    test_dir = ensure_test_shards(info, test_shards, images_per_class, objects, dev, quiet)
+    test_dir = _labelled_test_set(test_shards, objects) or ensure_test_shards(info, test_shards, images_per_class, objects, dev, quiet)
     manifest = read_manifest(test_dir)
+    if manifest.get("subset") not in (None, "all") and not quiet:
+        console.print(f"[yellow]note:[/] {test_dir} holds only its {manifest['subset']} classes (iosd-gen --subset all makes a set that scores seen and unseen)")
     check_compatible(info, manifest, split_, test_dir)
     layers = [p for p, _ in info["layout"]["layers"]]
     total = manifest["counts"]["written"]
@@ -114,7 +136,8 @@ def main(recipe, show_config, checkpoint, classes, split, test_shards, images_pe
     groups = scores.group_results(split_.seen, split_.unseen)
     provenance = {
         "checkpoint": {"run": str(run), "step": info.get("step"), "head": info["head"].get("kind"), "train_shards": info.get("shards")},
-        "test_shards": {"dir": str(test_dir), "manifest_sha256": hashlib.sha256((test_dir / MANIFEST_NAME).read_bytes()).hexdigest(), "images": total, "masks_meaningful": manifest.get("masks_meaningful")},
+        "test_shards": {"dir": str(test_dir), "manifest_sha256": hashlib.sha256((test_dir / MANIFEST_NAME).read_bytes()).hexdigest(), "images": total, "masks_meaningful": manifest.get("masks_meaningful"),
+                        "source": (manifest.get("config") or {}).get("source")},
         "protocol": {"recipe": protocol.record(), "metric": protocol.values["metric"], "gt_min_score": gt_min_score, "threshold": threshold, "images_per_class": (manifest.get("config") or {}).get("images_per_class"), "objects": objects},
         "counts": {"images": scores.images, "filtered": scores.filtered, **({"group_images": scores.group_images} if groups else {})},
     }

@@ -11,6 +11,7 @@ from iosd.featstore import CODECS, DEFAULT_CODEC
 from iosd.layers import FEATURE_DTYPES, PRESETS
 from iosd.pipeline.teacher import GT_RULES
 from iosd.pipeline.text import HIDDEN_STATES, POOLINGS
+from iosd.projection import DEFAULT_CALIBRATION
 from iosd.recipes import HALVES, SCHEDULERS, recipe_names
 from iosd.recipes import show_config as show_resolved
 
@@ -22,14 +23,14 @@ RECIPES = ", ".join(recipe_names())
 @click.option("--show-config", is_flag=True, help="print the resolved settings and where each comes from, then exit")
 @click.option("--classes", default="coco", help="class set: pascal, coco, shapes, or a JSON file with seen/unseen lists")
 @click.option("--split", type=int, default=1, help="class split 1..3")
-@click.option("--subset", type=click.Choice(["seen", "unseen", "all"]), default="seen", help="which classes prompts draw from (training uses seen)")
-@click.option("--source", type=click.Choice(["diffusion", "shapes"]), default="diffusion", help="diffusion: generated images + teacher; shapes: built-in world with exact masks")
+@click.option("--subset", type=click.Choice(["seen", "unseen", "all"]), default="seen", help="which classes prompts draw from, or which annotated classes your own images' samples take (training uses seen)")
+@click.option("--source", default="diffusion", help="diffusion: generated images + teacher; shapes: built-in world with exact masks; coco:ANNOTATIONS.json[:IMAGES_DIR] or folder:DIR: your own labelled images (README: Your own images in)")
 @click.option("--model", default=None, help="hub id, local diffusers directory (SDXL or SD 1.x/2.x), 'tiny' or 'tiny-sd1' (embedded random-weight stand-ins) [recipe]")
 @click.option("--revision", default=None, help="hub revision (commit, branch or tag)")
-@click.option("--num-samples", type=int, default=1000, help="samples written, after filtering")
+@click.option("--num-samples", type=int, default=None, help="samples written, after filtering [default: 1000; every usable image of coco:/folder: sources]")
 @click.option("--shard-size", type=int, default=100, help="samples per shard")
 @click.option("--seed", type=int, default=0)
-@click.option("--out", default=None, help="output directory [default: shards/<classes><split>]")
+@click.option("--out", default=None, help="output directory [default: shards/<classes><split>; shards/<file or folder name>-<classes><split> for coco:/folder: sources]")
 @click.option("--objects", type=click.Choice(["1", "2", "mix"]), default=None, help="objects per prompt [recipe]")
 @click.option("--template", default=None, help="one-object prompt template [recipe]")
 @click.option("--template2", default=None, help="two-object and negative-class prompt template [recipe]")
@@ -43,6 +44,8 @@ RECIPES = ", ".join(recipe_names())
 @click.option("--halves", type=click.Choice(HALVES), default=None, help="under guidance, capture the conditional half or both halves side by side (GD) [recipe]")
 @click.option("--feature-dtype", type=click.Choice(FEATURE_DTYPES), default=None, help="[recipe]")
 @click.option("--codec", type=click.Choice(list(CODECS)), default=DEFAULT_CODEC, help="feature compression")
+@click.option("--project", type=int, default=None, help="store K channels per resolution group: a PCA basis fitted on the first --calibration-samples candidates (saved as projection.safetensors) [default: every layer as captured]")
+@click.option("--calibration-samples", type=int, default=None, help=f"with --project: candidates the basis is fitted on  [default: {DEFAULT_CALIBRATION}]")
 @click.option("--feature-t", type=int, default=None, help="capture in an extra UNet pass on the final latent re-noised to this timestep [default: the denoising step; 50 for image sources]")
 @click.option("--feature-step", type=int, default=None, help="denoising call to capture, negative counts from the end [recipe]")
 @click.option("--query-template", default=None, help="text whose class-name tokens give the query embedding [recipe]")

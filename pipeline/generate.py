@@ -27,8 +27,23 @@ from iosd.layers import check_family, layer_key, resolve_layers
 from iosd.pipeline.capture import FeatureCapture
 from iosd.pipeline.filter import judge
 from iosd.pipeline.models import LoadedModel, load_model
+from iosd.pipeline.projecting import (
+    check_projection_options,
+    open_output,
+    prepare_projection,
+    stored_shapes,
+)
 from iosd.pipeline.prompts import PromptSpec, make_prompt
-from iosd.pipeline.sources import SOURCES, Produced, diffuse, renoised_pass, shapes_world
+from iosd.pipeline.sources import (
+    LABELLED_SOURCES,
+    SOURCES,
+    Produced,
+    diffuse,
+    labelled_world,
+    renoised_pass,
+    shapes_world,
+    source_kind,
+)
 from iosd.pipeline.teacher import GT_RULES
 from iosd.pipeline.text import (
     QuerySpec,
@@ -45,7 +60,8 @@ from iosd.schema import KEPT, PAIR_GROUPS, Sample, encode_sample, sample_key
 STREAMS = {"train": 0, "test": 1}  # test seeds never collide with training seeds
 PAIRS_TAG = 0x70616972  # "pair": the two-object plan's own random stream, apart from candidates'
 IMAGE_SOURCE_T = 50  # default re-noising timestep for image sources (GD: features near the end)
-IMAGE_SOURCES = ("shapes",)  # sources with exact masks, features from a re-noised pass
+IMAGE_SOURCES = ("shapes", *LABELLED_SOURCES)  # sources with exact masks, features from a re-noised pass
+DEFAULT_SAMPLES = 1000  # --num-samples of generated sources (labelled sources: every usable image)
 
 # Fields that do not change a shard's content: changing them never invalidates a set.
 # (batch_size stays in the identity: batched kernels round differently per batch size.)
@@ -63,7 +79,7 @@ class GenConfig:
     source: str = "diffusion"
     model: str | None = None
     revision: str | None = None
-    num_samples: int = 1000
+    num_samples: int | None = None  # None: DEFAULT_SAMPLES, or every image of a labelled source
     shard_size: int = 100
     seed: int = 0
     out: str | None = None
@@ -80,6 +96,8 @@ class GenConfig:
     halves: str | None = None
     feature_dtype: str | None = None
     codec: str = DEFAULT_CODEC
+    project: int | None = None  # store K channels per resolution group (iosd.projection)
+    calibration_samples: int | None = None  # candidates the projection is fitted on
     feature_t: int | None = None
     feature_step: int | None = None
     query_template: str | None = None
@@ -113,7 +131,7 @@ class GenConfig:
         if c.model in CPU_STAND_INS and self.resolution is None:
             c.resolution = TINY_RESOLUTION
             resolved.origin["resolution"].update(value=c.resolution, source="the tiny model's native 128 px")
-        if self.tiny_teacher or c.source in IMAGE_SOURCES:
+        if self.tiny_teacher or source_kind(c.source) in IMAGE_SOURCES:
             for name in ("min_score", "score_thr"):
                 if getattr(self, name) is None:
                     setattr(c, name, 0.0)
@@ -128,8 +146,16 @@ class GenConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(c, name)})", "pass a number > 0")
         if c.images_per_class is not None and c.images_per_class <= 0:
             raise UserError(f"--images-per-class must be positive (got {c.images_per_class})", "pass a number > 0")
-        if c.source not in SOURCES:
-            raise UserError(f"unknown --source {c.source!r}", f"use one of {', '.join(SOURCES)}")
+        if source_kind(c.source) not in SOURCES or (":" in c.source) != (source_kind(c.source) in LABELLED_SOURCES):
+            raise UserError(f"unknown --source {c.source!r}", "use diffusion, shapes, coco:ANNOTATIONS.json[:IMAGES_DIR] or folder:DIR")
+        labelled = source_kind(c.source) in LABELLED_SOURCES
+        if labelled:
+            from iosd.pipeline.real_images import check_labelled_options
+
+            check_labelled_options(c.source, negative=c.negative, images_per_class=c.images_per_class)
+            c.keep_rejected = True  # every annotated image is a sample, even where a mask vanishes at this resolution
+        elif c.num_samples is None:
+            c.num_samples = DEFAULT_SAMPLES
         if c.source == "shapes" and c.classes != "shapes":
             raise UserError(f"--source shapes draws the shapes world, not {c.classes!r} classes", "pass --classes shapes")
         if c.stream not in STREAMS:
@@ -148,7 +174,7 @@ class GenConfig:
             raise UserError(f"unknown --gt {c.gt!r}", f"use one of {', '.join(GT_RULES)}")
         if c.resolution <= 0 or c.resolution % 32:
             raise UserError(f"--resolution {c.resolution} is not a positive multiple of 32", "use e.g. 512")
-        if c.source in IMAGE_SOURCES and c.feature_t is None:
+        if source_kind(c.source) in IMAGE_SOURCES and c.feature_t is None:
             c.feature_t = IMAGE_SOURCE_T
         if c.feature_t is not None and not 0 <= c.feature_t < 1000:
             raise UserError(f"--feature-t {c.feature_t} is outside 0..999", "pass a timestep in 0..999")
@@ -160,9 +186,14 @@ class GenConfig:
             c.num_samples = None  # type: ignore[assignment]
         if c.out is None:
             c.out = os.path.join("shards", f"{c.classes}{c.split}" if c.stream == "train" else f"{c.classes}{c.split}-test")
+            if labelled:
+                from iosd.pipeline.real_images import default_set_name
+
+                c.out = os.path.join("shards", f"{default_set_name(c.source)}-{os.path.basename(c.out)}")
         PromptSpec(c.objects, c.template, c.template2, c.negative).check()
         self.query_spec_of(c)
         resolve_layers(c.layers)
+        check_projection_options(c)
         return c
 
     @staticmethod
@@ -175,7 +206,8 @@ class GenConfig:
         return self.model in CPU_STAND_INS and self.teacher_config is None and self.teacher_checkpoint is None
 
     def identity(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in NON_IDENTITY}
+        raw = ("project", "calibration_samples") if self.project is None else ()  # sets from before --project keep theirs
+        return {k: v for k, v in asdict(self).items() if k not in NON_IDENTITY and k not in raw}
 
 
 def load_configured(gen: dict, device: str) -> LoadedModel:
@@ -207,6 +239,7 @@ class Candidate:
     names: list[str]
     targets: list[str]  # the names that are supervised (all but IOSD's negative class)
     group: str | None = None  # two-object test prompts: one of PAIR_GROUPS
+    image: int | None = None  # labelled sources: the image's index in the source
 
 
 @dataclass
@@ -247,8 +280,9 @@ def plan_pairs(seen: list[str], unseen: list[str], per_class: int, rng: np.rando
 class Plan:
     """Which candidates make up each shard, and how many samples it must hold."""
 
-    def __init__(self, cfg: GenConfig, split: ClassSplit) -> None:
+    def __init__(self, cfg: GenConfig, split: ClassSplit, images=None) -> None:
         self.cfg = cfg
+        self.images = images  # a labelled source (iosd.pipeline.real_images): sample i is its image i
         self.classes = split.subset(cfg.subset)
         self.spec = PromptSpec(cfg.objects, cfg.template, cfg.template2, cfg.negative)
         self.groups: list[str] | None = None
@@ -262,6 +296,11 @@ class Plan:
         elif cfg.images_per_class is not None:
             self.fixed = [c for c in self.classes for _ in range(cfg.images_per_class)]
             total = len(self.fixed)
+        elif images is not None:
+            self.fixed = None
+            total = len(images) if cfg.num_samples is None else cfg.num_samples
+            if total > len(images):
+                raise UserError(f"--num-samples {total} asks for more than the {len(images)} usable images of {cfg.source}", "drop --num-samples to use every image")
         else:
             self.fixed = None
             total = cfg.num_samples
@@ -275,13 +314,17 @@ class Plan:
         rng = np.random.default_rng([self.cfg.seed, STREAMS[self.cfg.stream], shard, attempt])
         seed = int(rng.integers(2**31 - 1))
         index = shard * self.cfg.shard_size + attempt
+        if self.images is not None:
+            names = list(self.images.items[index].names)
+            prompt = default_prompt({"template": self.spec.template, "template2": self.spec.template2}, names)
+            return Candidate(shard, attempt, seed, prompt, names, names, image=index)
         fixed = self.fixed[index] if self.fixed else None
         query, pair = (None, fixed) if isinstance(fixed, tuple) else (fixed, None)
         prompt, names, targets = make_prompt(rng, self.classes, self.spec, query, pair=pair)
         return Candidate(shard, attempt, seed, prompt, names, targets, self.groups[index] if self.groups else None)
 
     def max_attempts(self, shard: int) -> int:
-        return self.target(shard) if self.fixed else 50 * self.target(shard) + 100
+        return self.target(shard) if self.fixed or self.images is not None else 50 * self.target(shard) + 100
 
 
 def dist_env() -> tuple[int, int]:
@@ -319,12 +362,20 @@ class Generator:
         if cfg.recipe is None and cfg.model in CPU_STAND_INS and not cfg.quiet and dist_env()[0] == 0:
             _note(stand_in_note(cfg.model, self.cfg.recipe))
         self.split = load_split(self.cfg.classes, self.cfg.split)
-        self.plan = Plan(self.cfg, self.split)
+        self.images = None  # a labelled source, checked whole before anything is written
+        if source_kind(self.cfg.source) in LABELLED_SOURCES:
+            from iosd.pipeline.real_images import open_labelled
+
+            show = not cfg.quiet and dist_env()[0] == 0
+            self.images = open_labelled(self.cfg.source, self.split, self.cfg.subset, progress=show)
+            for note in self.images.notes() if show else []:
+                _note(note)
+        self.plan = Plan(self.cfg, self.split, self.images)
         self.times = StageTimes()
         self.rank, self.world = dist_env()
 
     def _teacher(self):
-        if self.cfg.source == "shapes":
+        if source_kind(self.cfg.source) in IMAGE_SOURCES:
             return None
         from iosd.pipeline.teacher import build_teacher
 
@@ -348,14 +399,15 @@ class Generator:
 
     def header(self, shapes: dict[str, list[int]]) -> dict:
         dtype_bytes = {"float16": 2, "bfloat16": 2, "int8": 1, "fp8": 1}[self.cfg.feature_dtype]
+        shapes = stored_shapes(self.cfg, shapes)  # --project: one K-channel array per group
         raw = sum(math.prod(s) * dtype_bytes for s in shapes.values())
-        teacher = self.teacher.describe() if self.teacher is not None else {"kind": "exact", "source": self.cfg.source}
+        teacher = self.teacher.describe() if self.teacher is not None else self.images.describe() if self.images is not None else {"kind": "exact", "source": self.cfg.source}
         meaningful = not teacher.get("random_weights", False)
         notes = [] if meaningful else ["teacher has random weights (--model tiny without teacher options): its masks are meaningless; this set only exercises the machinery"]
         return {
             "kind": "iosd-shards",
             "recipe": self.recipe.record(),
-            "identity": self.cfg.identity(),
+            "identity": {**self.cfg.identity(), **({"source_fingerprint": self.images.fingerprint} if self.images is not None else {})},
             "config": {k: v for k, v in asdict(self.cfg).items() if k not in ("quiet", "overwrite")},
             "classes": self.split.to_json(),
             "subset": self.cfg.subset,
@@ -399,13 +451,14 @@ class Generator:
                 _warn(f"classes {', '.join(map(repr, group))} share their first token: first-token queries cannot tell them apart (the recipe still runs as published)")
         self.subsets = {**{n: "seen" for n in self.split.seen}, **{n: "unseen" for n in self.split.unseen}}
         self.writer = ShardSetWriter(self.cfg.out, self.header(self._probe_shapes()), self.plan.n_shards, overwrite=self.cfg.overwrite)
-        _on_rank0(self.world, self.rank, self.writer.prepare)
+        _on_rank0(self.world, self.rank, lambda: open_output(self))
         self.daam = None
         if self.cfg.daam:
             from iosd.pipeline.daam import DaamRecorder
 
             side = self.cfg.resolution // self.loaded.pipe.vae_scale_factor
             self.daam = DaamRecorder(self.loaded.pipe.unet, (side, side)).__enter__()
+        self.projection = prepare_projection(self)  # --project: fitted (or reused) before any shard
 
     def close(self) -> None:
         self.capture.__exit__(None, None, None)
@@ -418,7 +471,9 @@ class Generator:
         if self.daam is not None:
             self.daam.reset()
         t0 = time.perf_counter()
-        if self.cfg.source == "shapes":
+        if self.images is not None:
+            out = labelled_world(self.loaded, self.capture, self.images, [c.image for c in batch], prompts, seeds, size=self.cfg.resolution, feature_t=self.cfg.feature_t)
+        elif self.cfg.source == "shapes":
             out = shapes_world(self.loaded, self.capture, prompts, [c.names for c in batch], seeds, size=self.cfg.resolution, feature_t=self.cfg.feature_t)
         else:
             out = diffuse(self.loaded, self.capture, prompts, seeds, steps=self.cfg.steps, size=self.cfg.resolution, guidance=self.cfg.guidance, feature_step=self.cfg.feature_step, feature_t=self.cfg.feature_t, daam=self.daam)
@@ -446,6 +501,8 @@ class Generator:
 
     def _encode(self, cand: Candidate, image: np.ndarray, feats: dict[str, np.ndarray], records, masks, heat) -> dict:
         t0 = time.perf_counter()
+        if self.projection is not None:
+            feats = self.projection.apply_numpy(feats)
         feat_bytes = encode_features(feats, self.cfg.feature_dtype, self.cfg.codec)
         sample = Sample(
             key=sample_key(cand.shard, cand.attempt),
@@ -456,7 +513,8 @@ class Generator:
             masks=masks,
             embeddings=np.stack([self.embeddings[n] for n in cand.names]),
             daam=heat,
-            extra={"shard": cand.shard, "attempt": cand.attempt, "source": self.cfg.source, **({"group": cand.group} if cand.group else {})},
+            extra={"shard": cand.shard, "attempt": cand.attempt, "source": self.cfg.source, **({"group": cand.group} if cand.group else {}),
+                   **(self.images.items[cand.image].origin if cand.image is not None else {})},
         )
         members = encode_sample(sample, feat_bytes)
         self.times.add("encode", time.perf_counter() - t0)

@@ -1,6 +1,7 @@
 """Sources of images and their features: the diffusion model itself, or a world of images
-with exact masks (the built-in shapes world; a user's own images later) passed through the
-UNet once, re-noised to ``feature_t``. "Source" and "teacher" are the generator's two seams.
+with exact masks (the built-in shapes world, or a user's own labelled images: ``coco:PATH``,
+``folder:PATH``, read by ``iosd.pipeline.real_images``) passed through the UNet once,
+re-noised to ``feature_t``. "Source" and "teacher" are the generator's two seams.
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ from iosd.errors import UserError
 from iosd.pipeline.capture import FeatureCapture
 from iosd.pipeline.models import LoadedModel, decode_images, encode_images
 
-SOURCES = ("diffusion", "shapes")
+SOURCES = ("diffusion", "shapes", "coco", "folder")
+LABELLED_SOURCES = ("coco", "folder")  # a user's own images, given as "<kind>:<path>"
+
+
+def source_kind(source: str) -> str:
+    """The kind of a --source value: "coco:instances.json" -> "coco"."""
+    return source.partition(":")[0]
 
 
 @dataclass
@@ -114,3 +121,14 @@ def shapes_world(loaded: LoadedModel, capture: FeatureCapture, prompts: list[str
     latents = encode_images(loaded, batch)
     features = renoised_pass(loaded, capture, latents, prompts, seeds, feature_t, size)
     return Produced(batch, features, masks)
+
+
+@torch.no_grad()
+def labelled_world(loaded: LoadedModel, capture: FeatureCapture, source, indices: list[int], prompts: list[str], seeds: list[int], *, size: int, feature_t: int) -> Produced:
+    """A user's own images (``iosd.pipeline.real_images.LabelledImages``) with their annotated
+    masks, resized to ``size``, then one re-noised UNet pass on them."""
+    loaded_images = [source.load(i, size) for i in indices]
+    batch = np.stack([image for image, _ in loaded_images])
+    latents = encode_images(loaded, batch)
+    features = renoised_pass(loaded, capture, latents, prompts, seeds, feature_t, size)
+    return Produced(batch, features, [masks for _, masks in loaded_images])

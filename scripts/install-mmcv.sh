@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Install mmcv 2.1.0 with ops (no Linux wheel on PyPI) and mmdet 3.3.0 into the venv.
+# Install mmcv 2.1.0 with ops (no Linux wheel on PyPI), mmdet 3.3.0 (the teacher) and
+# mmsegmentation 1.2.2 (Protocol II's segmenter; it imports ftfy) into the venv.
 # The wheel is built from source once per torch/python version and cached in
 # ${IOSD_WHEEL_CACHE:-~/.cache/iosd/wheels}; later machines and CI runs reuse it.
 set -euo pipefail
 PY=${1:-.venv/bin/python}
 PIP="$PY -m pip"
+SEG="mmsegmentation==1.2.2 ftfy"
 if $PY -c "import mmcv, mmcv.ops, mmdet" 2>/dev/null; then
-  echo "mmcv with ops and mmdet already installed"; exit 0
+  $PY -c "import mmseg, ftfy" 2>/dev/null || $PIP install -q $SEG
+  echo "mmcv with ops, mmdet and mmseg installed"; exit 0
 fi
 TAG=$($PY -c "import sys, torch; print(f'torch{torch.__version__.split(\"+\")[0]}-py{sys.version_info[0]}{sys.version_info[1]}')")
 CACHE=${IOSD_WHEEL_CACHE:-$HOME/.cache/iosd/wheels}/$TAG
@@ -24,5 +27,5 @@ if [ -z "$WHEEL" ]; then
   $PIP install -q "setuptools>=77"
   WHEEL=$(ls "$CACHE"/mmcv-2.1.0-*.whl | head -n1)
 fi
-$PIP install -q "$WHEEL" mmengine==0.10.7 mmdet==3.3.0
-$PY -c "import mmcv.ops, mmdet; print('mmcv', mmcv.__version__, 'mmdet', mmdet.__version__)"
+$PIP install -q "$WHEEL" mmengine==0.10.7 mmdet==3.3.0 $SEG
+$PY -c "import mmcv.ops, mmdet, mmseg; print('mmcv', mmcv.__version__, 'mmdet', mmdet.__version__, 'mmseg', mmseg.__version__)"
