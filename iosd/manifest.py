@@ -111,12 +111,17 @@ def read_manifest(shard_dir: str | Path) -> dict:
 
 
 def feature_layout(manifest: dict) -> dict:
-    """What a head's input depends on: layer paths with (C, H, W) shapes and embedding width."""
+    """What a head's input depends on: layer paths with (C, H, W) shapes and embedding width;
+    for a projected set (``iosd-gen --project``) also the basis (K and sha256), which the
+    stored arrays only mean something under."""
     feats = manifest["features"]
-    return {
+    layout = {
         "layers": [[entry["path"], list(entry["shape"])] for entry in feats["layers"]],
         "embedding_dim": int(manifest["embedding"]["dim"]),
     }
+    if feats.get("projection"):
+        layout["projection"] = {"k": int(feats["projection"]["k"]), "sha256": feats["projection"]["sha256"]}
+    return layout
 
 
 def layout_mismatch(a: dict, b: dict) -> str | None:
@@ -129,4 +134,11 @@ def layout_mismatch(a: dict, b: dict) -> str | None:
         only_b = sorted(set(lb) - set(la))
         shape = sorted(p for p in set(la) & set(lb) if la[p] != lb[p])
         return f"feature layers differ (only in first: {only_a}, only in second: {only_b}, other shape: {shape})"
+    if a.get("projection") != b.get("projection"):
+        return f"features are {_stored_as(a)} vs {_stored_as(b)}"
     return None
+
+
+def _stored_as(layout: dict) -> str:
+    p = layout.get("projection")
+    return f"projected to K={p['k']} by basis {p['sha256'][:12]}" if p else "raw (unprojected)"

@@ -23,6 +23,7 @@ import webdataset as wds
 from iosd import __version__
 from iosd.errors import UserError
 from iosd.manifest import check_schema, sha256_file, write_json_atomic
+from iosd.projection import PROJECTION_NAME
 from iosd.schema import MANIFEST_NAME, SCHEMA_VERSION, SHARD_GLOB, shard_name
 
 PARTS_DIR = ".parts"
@@ -94,6 +95,7 @@ class ShardSetWriter:
         shutil.rmtree(self.parts, ignore_errors=True)
         (self.out / MANIFEST_NAME).unlink(missing_ok=True)
         (self.out / WIDS_INDEX_NAME).unlink(missing_ok=True)
+        (self.out / PROJECTION_NAME).unlink(missing_ok=True)  # --project writes its own after this
 
     def _finished(self) -> dict[int, dict]:
         """Records of the shards whose tar and record both exist and agree in size."""

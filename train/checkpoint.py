@@ -80,8 +80,9 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 
 
 # -- writing ---------------------------------------------------------------------------------
-def save_checkpoint(run_dir: str | Path, head: torch.nn.Module, info: dict, *, optimizer=None, scaler=None, keep: int = 1) -> Path:
-    """Write step ``info["step"]`` atomically; returns its step directory."""
+def save_checkpoint(run_dir: str | Path, head: torch.nn.Module, info: dict, *, optimizer=None, scaler=None, keep: int = 1, projection=None) -> Path:
+    """Write step ``info["step"]`` atomically; returns its step directory. ``projection``: the
+    basis of projected shards (``iosd.projection``), carried so eval and predict apply it."""
     run_dir = Path(run_dir)
     steps = run_dir / STEPS_DIR
     steps.mkdir(parents=True, exist_ok=True)
@@ -100,6 +101,10 @@ def save_checkpoint(run_dir: str | Path, head: torch.nn.Module, info: dict, *, o
             meta["scaler"] = scaler.state_dict() if scaler is not None and scaler.is_enabled() else None
             save_file(tensors, tmp / OPTIMIZER_NAME, metadata={"format": FORMAT, "meta": json.dumps(meta)})
             share_like_output(tmp / OPTIMIZER_NAME)
+        if projection is not None:
+            from iosd.projection import PROJECTION_NAME
+
+            projection.save(tmp / PROJECTION_NAME)
         write_json_atomic(tmp / CHECKPOINT_NAME, {**info, "weights": "."})
         _fsync_dir(tmp)
         final = steps / name
@@ -189,12 +194,23 @@ def load_training_state(weights_dir: Path, optimizer, scaler=None, device: str =
 
 
 def load_head(run_or_checkpoint_dir: str | Path, device: str = "cpu"):
-    """The trained head (eval mode, on ``device``) and its checkpoint JSON."""
+    """The trained head (eval mode, on ``device``) and its checkpoint JSON.
+
+    A head trained on projected features comes wrapped with its basis (``ProjectedHead``: it
+    takes raw UNet features), and the JSON's ``layout`` is then the raw layout it takes (the
+    stored one moves to ``stored_layout``), so callers capture and pass raw features."""
     from iosd.train.heads import build_head
 
     info, weights = read_checkpoint(run_or_checkpoint_dir)
     head = build_head(**info["head"])
     load_weights(head, weights, "cpu")
+    if (info.get("layout") or {}).get("projection"):
+        from iosd.projection import PROJECTION_NAME, ProjectedHead, load
+
+        record = {**(info.get("features") or {}).get("projection", {}), **info["layout"]["projection"]}
+        projection = load(weights / PROJECTION_NAME, record, fix="restore the checkpoint directory, or retrain")
+        head = ProjectedHead(head, projection)
+        info = {**info, "stored_layout": info["layout"], "layout": projection.raw_layout(info["layout"]["embedding_dim"])}
     return head.to(device).eval(), info
 
 

@@ -22,6 +22,7 @@ import torch
 from iosd import __version__
 from iosd.errors import UserError
 from iosd.manifest import layout_mismatch
+from iosd.projection import for_shard_set as projection_for
 from iosd.recipes import FAST_RECIPE, Resolved, check_recipe_layout, get_recipe, recipe_of, resolve
 from iosd.train import checkpoint as ckpt
 from iosd.train.data import (
@@ -192,10 +193,13 @@ class Trainer:
         cfg = self.cfg = filled.check()
         for message in self.shards.notes:
             self.note(message)
+        self.projection = projection_for(self.shards)  # projected shards: the basis they were stored with
         self.val_shards = None
         if cfg.val:
             self.val_shards = resolve_shards(cfg.val)
             diff = layout_mismatch(self.shards.layout, self.val_shards.layout)
+            if diff and self.projection is not None and not layout_mismatch(self.projection.raw_layout(self.shards.layout["embedding_dim"]), self.val_shards.layout):
+                diff = None  # raw held-out shards: validation projects them with the training basis
             if diff:
                 raise UserError(f"--val {cfg.val} does not match the training shards' feature layout: {diff}", "validate on shards generated with the same model and --layers")
         if self.env.main:
@@ -377,9 +381,12 @@ class Trainer:
     # -- validation and checkpoints --------------------------------------------------------
     def validate(self) -> dict:
         cfg = self.cfg
-        spec = DecodeSpec.from_layout(self.shards.layout, min_score=cfg.min_score, subsets=None, full_masks=True)
+        spec = DecodeSpec.from_layout(self.val_shards.layout, min_score=cfg.min_score, subsets=None, full_masks=True)
         stream = ValStream(self.val_shards, spec, cfg.batch_size, cfg.on_corrupt, self.env.rank, self.env.world)
-        acc = run_validation(self.model, val_batches(stream, self.workers, self.note), self.env.device, self.autocast)
+        batches = val_batches(stream, self.workers, self.note)
+        if self.projection is not None and "projection" not in self.val_shards.layout:
+            batches = ({**b, "features": self.projection.apply(b["features"])} for b in batches)
+        acc = run_validation(self.model, batches, self.env.device, self.autocast)
         total = ValTally()
         for part in self.env.gather(acc):
             total.merge(part)
@@ -424,7 +431,7 @@ class Trainer:
     def save(self, loader: TrainLoader, last: dict) -> None:
         info = self.checkpoint_info(loader, last)  # collective: every rank takes part
         if self.env.main:
-            ckpt.save_checkpoint(self.run_dir, self.head, info, optimizer=self.optimizer, scaler=self.scaler, keep=self.cfg.keep)
+            ckpt.save_checkpoint(self.run_dir, self.head, info, optimizer=self.optimizer, scaler=self.scaler, keep=self.cfg.keep, projection=self.projection)
         self.env.barrier()
 
     # -- the loop --------------------------------------------------------------------------
