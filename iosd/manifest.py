@@ -55,21 +55,26 @@ def mkstemp_shared(path: str | Path, *, suffix: str = ".tmp") -> tuple[int, str]
     return fd, tmp
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write text to a temp name in the same directory, fsync, then rename over ``path``:
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write bytes to a temp name in the same directory, fsync, then rename over ``path``:
     a reader sees the old file or the new one, never half of one. The file gets the mode
     of any other tool's output (0o666 less the umask)."""
     path = Path(path)
     fd, tmp = mkstemp_shared(path)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """:func:`write_bytes_atomic` of ``text`` in UTF-8."""
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

@@ -29,7 +29,7 @@ from safetensors.torch import save as save_safetensors
 
 from iosd.errors import UserError
 from iosd.layers import group_by_resolution, layer_key
-from iosd.manifest import mkstemp_shared
+from iosd.manifest import write_bytes_atomic
 
 PROJECTION_NAME = "projection.safetensors"
 DEFAULT_CALIBRATION = 64  # candidates whose features fit the basis
@@ -112,16 +112,7 @@ class Projection:
         import hashlib
 
         data = self.to_bytes()
-        fd, tmp = mkstemp_shared(path)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_bytes_atomic(path, data)
         return hashlib.sha256(data).hexdigest()
 
     def record(self, sha256: str, calibration: int) -> dict:

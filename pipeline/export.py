@@ -139,8 +139,8 @@ def semantic_keys(out: str | Path, split: str = DEFAULT_SPLIT) -> list[str]:
 
 
 # -- writers ------------------------------------------------------------------------------
-class SemanticExport:
-    """img_dir/ann_dir PNGs per kept image; ``classes.json`` at the end."""
+class _FileExport:
+    """An export of image files under ``out`` (nothing to prepare before the first chunk)."""
 
     def __init__(self, out: Path, classes: Sequence[str], split: str = DEFAULT_SPLIT) -> None:
         self.out, self.classes, self.split = Path(out), list(classes), split
@@ -148,6 +148,10 @@ class SemanticExport:
 
     def prepare(self) -> None:
         pass
+
+
+class SemanticExport(_FileExport):
+    """img_dir/ann_dir PNGs per kept image; ``classes.json`` at the end."""
 
     def write_chunk(self, chunk: int, items: list[Labelled]) -> dict:
         keys = []
@@ -177,16 +181,9 @@ def _coco_rle_stats(rle: dict) -> tuple[float, list[float]]:
     return float(mask_util.area(raw)), [float(x) for x in mask_util.toBbox(raw)]
 
 
-class CocoExport:
+class CocoExport(_FileExport):
     """images/<split>/<key>.png per kept image; one instances JSON, assembled at the end, with one
     annotation (RLE mask, area, box, the head's confidence as ``score``) per kept class."""
-
-    def __init__(self, out: Path, classes: Sequence[str], split: str = DEFAULT_SPLIT) -> None:
-        self.out, self.classes, self.split = Path(out), list(classes), split
-        self.ids = class_ids(classes)
-
-    def prepare(self) -> None:
-        pass
 
     def write_chunk(self, chunk: int, items: list[Labelled]) -> dict:
         images = []

@@ -54,6 +54,7 @@ from iosd.pipeline.text import (
 )
 from iosd.pipeline.tiny import TINY_RESOLUTION
 from iosd.pipeline.writer import ShardSetWriter
+from iosd.progress import stage_progress
 from iosd.recipes import CPU_STAND_INS, HALVES, SCHEDULERS, Resolved, default_recipe, resolve
 from iosd.schema import KEPT, PAIR_GROUPS, Sample, encode_sample, sample_key
 
@@ -580,7 +581,7 @@ class Generator:
             done = self.writer.done()
             mine = [i for i in range(self.plan.n_shards) if i % self.world == self.rank and i not in done]
             todo = sum(self.plan.target(i) for i in mine)
-            with _progress(self.rank == 0 and not self.cfg.quiet, todo, f"{self.cfg.out}") as advance, ThreadPoolExecutor(self.cfg.workers) as pool, ThreadPoolExecutor(1) as writer:
+            with stage_progress(self.rank == 0 and not self.cfg.quiet, todo, f"{self.cfg.out}", "gen") as advance, ThreadPoolExecutor(self.cfg.workers) as pool, ThreadPoolExecutor(1) as writer:
                 pending: list[Future] = []
                 for shard in mine:
                     futures, stats = self._produce_shard(shard, pool, advance)
@@ -611,34 +612,6 @@ def _note(message: str) -> None:
 
 def stand_in_note(model: str, recipe: str) -> str:
     return f"--model {model} is a CPU stand-in: recipe {recipe!r} by default (the published schedules take GPU hours); pass --recipe to choose another"
-
-
-class _progress:
-    """A rich progress bar over samples written (or nothing when quiet / not rank 0)."""
-
-    def __init__(self, show: bool, total: int, label: str) -> None:
-        self.show, self.total, self.label = show, total, label
-
-    def __enter__(self):
-        if not self.show:
-            return None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(TextColumn("[bold]gen[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-        self.bar.__enter__()
-        task = self.bar.add_task(self.label, total=self.total)
-        return lambda: self.bar.advance(task)
-
-    def __exit__(self, *exc) -> None:
-        if self.show:
-            self.bar.__exit__(*exc)
 
 
 def generate(cfg: GenConfig) -> tuple[dict, StageTimes]:

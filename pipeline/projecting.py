@@ -83,14 +83,14 @@ def open_output(gen: Generator) -> None:
 def _calibrate(gen: Generator) -> Projection:
     """The basis fitted on the first ``calibration_samples`` candidates (all of them used,
     whatever the filter later keeps)."""
-    from iosd.pipeline.generate import _progress
+    from iosd.progress import stage_progress
 
     c, plan = gen.cfg, gen.plan
     order = [(shard, attempt) for shard in range(plan.n_shards) for attempt in range(plan.target(shard))]
     chosen = order[: c.calibration_samples]
     fit: CovarianceFit | None = None
     t0 = time.perf_counter()
-    with _progress(not c.quiet, len(chosen), f"{c.out}: calibrating the projection") as advance:
+    with stage_progress(not c.quiet, len(chosen), f"{c.out}: calibrating the projection", "gen") as advance:
         for start in range(0, len(chosen), c.batch_size):
             batch = [plan.candidate(shard, attempt) for shard, attempt in chosen[start : start + c.batch_size]]
             out = gen._produce(batch)

@@ -32,6 +32,7 @@ from iosd.manifest import sha256_file, write_json_atomic
 from iosd.pipeline.export import Labelled, make_export
 from iosd.pipeline.prompts import GD_TEMPLATE, GD_TEMPLATE_2, OBJECTS, PromptSpec, make_prompt
 from iosd.pipeline.quality import Limits, judge_mask, summarise
+from iosd.progress import stage_progress
 
 SYNTH_STREAM = 2  # seeds apart from iosd-gen's training (0) and test (1) streams
 SETTINGS_NAME = "settings.json"  # in PARTS: marks the directory as this synth's, from its first moment
@@ -362,7 +363,7 @@ class Synthesizer:
             done = self.finished()
             mine = [c for c in range(self.n_chunks) if c % self.world == self.rank and c not in done]
             todo = sum(len(self.chunk_indices(c)) for c in mine)
-            with _progress(self.rank == 0 and not self.cfg.quiet, todo, str(self.out)) as advance:
+            with stage_progress(self.rank == 0 and not self.cfg.quiet, todo, str(self.out), "synth") as advance:
                 for chunk in mine:
                     self.write_chunk(chunk, advance)
         finally:
@@ -410,34 +411,6 @@ class Synthesizer:
 def _read_rgb(path: Path) -> np.ndarray:
     with Image.open(path) as img:
         return np.asarray(img.convert("RGB"))
-
-
-class _progress:
-    """A rich progress bar over images labelled (or nothing when quiet / not rank 0)."""
-
-    def __init__(self, show: bool, total: int, label: str) -> None:
-        self.show, self.total, self.label = show, total, label
-
-    def __enter__(self):
-        if not self.show:
-            return None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(TextColumn("[bold]synth[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-        self.bar.__enter__()
-        task = self.bar.add_task(self.label, total=self.total)
-        return lambda n: self.bar.advance(task, n)
-
-    def __exit__(self, *exc) -> None:
-        if self.show:
-            self.bar.__exit__(*exc)
 
 
 def synthesize(cfg: SynthConfig) -> dict:
