@@ -482,7 +482,11 @@ class Generator:
             torch.cuda.synchronize(self.loaded.device)
         self.times.add("diffusion", time.perf_counter() - t0)
         t0 = time.perf_counter()
-        out.features = {p: t.to("cpu", torch.float32) for p, t in out.features.items()}
+        # Features leave the device in their stored dtype where no host step needs float32
+        # (float16 without --project): half the bytes over PCIe and in host memory, and the same
+        # round-to-nearest-even cast numpy would make, so the shards are byte-identical.
+        host = torch.float16 if self.cfg.feature_dtype == "float16" and not self.cfg.project else torch.float32
+        out.features = {p: t.to("cpu", host) for p, t in out.features.items()}
         self.times.add("capture", time.perf_counter() - t0)
         return out
 

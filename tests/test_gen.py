@@ -205,3 +205,22 @@ def test_generation_gives_the_callers_cpu_threads_back(tmp_path):
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_features_cast_to_float16_on_the_device_store_the_same_bits_as_numpy():
+    """iosd-gen moves float16-stored features off the device as float16 (half the bytes); the
+    shards stay byte-identical only if torch's cast rounds as numpy's does, edge cases included."""
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([
+        rng.standard_normal(10_000).astype(np.float32) * 50,
+        np.array([65504.0, 65520.0, 70000.0, -1e9, 6e-8, 3e-8, 1e-10, 0.0, -0.0, np.inf, -np.inf, np.nan], np.float32),
+        (np.arange(1, 2049, dtype=np.float32) + 0.5) * 2.0**-10,  # ties between float16 neighbours
+    ])
+    ours = torch.from_numpy(x).to(torch.float16).numpy().view(np.uint16)
+    numpy_cast = x.astype(np.float16).view(np.uint16)
+    finite = np.isfinite(x)
+    assert np.array_equal(ours[finite], numpy_cast[finite])
+    assert np.array_equal(np.isnan(ours.view(np.float16)), np.isnan(numpy_cast.view(np.float16)))
