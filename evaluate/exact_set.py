@@ -19,13 +19,13 @@ from iosd.export_layout import (
     BACKGROUND,
     BACKGROUND_ID,
     DEFAULT_SPLIT,
+    IMAGE_KEY,
     SEMANTIC_CLASSES,
-    SEMANTIC_LABELS,
-    SEMANTIC_SUFFIX,
 )
 from iosd.pipeline.export import (
     class_ids,
     read_semantic_classes,
+    semantic_label_path,
     write_semantic_classes,
     write_semantic_sample,
 )
@@ -44,11 +44,6 @@ def semantic_class_list(root: str | Path) -> list[str]:
     if not isinstance(classes, list) or not classes or classes[0] != BACKGROUND:
         raise UserError(f"{path} does not list {BACKGROUND!r} first", "re-export the dataset")
     return [str(c) for c in classes]
-
-
-def label_path(root: str | Path, split: str, key: str) -> Path:
-    """Where the label map of sample ``key`` lives (written last: its presence marks it done)."""
-    return Path(root) / SEMANTIC_LABELS.format(split=split) / f"{key}{SEMANTIC_SUFFIX}"
 
 
 def label_map(masks: np.ndarray, class_ids: list[int]) -> np.ndarray:
@@ -87,8 +82,8 @@ def write_exact_set(root: str | Path, classes: list[str], images_per_class: int,
     written = 0
     total = images_per_class * len(classes)
     for index in range(total):
-        key = f"{index:06d}"
-        if not label_path(root, split, key).exists():
+        key = IMAGE_KEY.format(index=index)
+        if not semantic_label_path(root, split, key).exists():
             rng = np.random.default_rng([seed, EXACT_TAG, STREAM_OF_SPLIT[split], index])
             names = scene_classes(list(classes), index, objects, rng)
             image, masks = render_scene(names, rng, size)

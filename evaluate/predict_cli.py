@@ -15,13 +15,13 @@ from iosd.errors import UserError, user_errors
 def _load_image(path: Path, size: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
+    from iosd.pipeline.real_images import square_box
+
     try:
         img = Image.open(path).convert("RGB")
     except (OSError, UnidentifiedImageError) as err:
         raise UserError(f"--image {path} is not a readable image ({err})", "pass a PNG or JPEG file") from None
-    side = min(img.size)
-    left, top = (img.width - side) // 2, (img.height - side) // 2
-    return np.asarray(img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC))
+    return np.asarray(img.crop(square_box(*img.size)).resize((size, size), Image.BICUBIC))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

@@ -93,6 +93,11 @@ def _semantic_path(out: Path, folder: str, split: str, key: str) -> Path:
     return Path(out) / folder.format(split=split) / f"{key}{SEMANTIC_SUFFIX}"
 
 
+def semantic_label_path(out: str | Path, split: str, key: str) -> Path:
+    """Where sample ``key``'s label map lives (written after its image: its presence marks it done)."""
+    return _semantic_path(Path(out), SEMANTIC_LABELS, split, key)
+
+
 def write_semantic_sample(out: str | Path, split: str, key: str, image: np.ndarray, label: np.ndarray) -> tuple[Path, Path]:
     """An image and its uint8 label map as PNGs (atomically), in MMSegmentation's img_dir/ann_dir."""
     if image.shape[:2] != label.shape:
