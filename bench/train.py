@@ -39,11 +39,11 @@ from pathlib import Path
 import torch
 
 from iosd.errors import user_errors
+from iosd.train.data import PREFETCH  # TrainLoader's batches in flight per worker
 from iosd.train.heads import KINDS
 from iosd.train.trainer import TrainConfig, Trainer
 
 RECIPES = ("iosd", "gd", "fast")
-PREFETCH = 4  # TrainLoader's default prefetch per worker: batches queued before the first step
 
 
 def make_shards(out: str, samples: int) -> str:

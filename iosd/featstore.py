@@ -21,6 +21,7 @@ dtype) and refusing, with ``FeatureLayoutError``, anything else. It keeps the st
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -92,7 +93,7 @@ def _to_e4m3_bits(x32: np.ndarray) -> np.ndarray:
 def _quantize(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Cast one (C, H, W) float array to its stored form (and the per-channel scales)."""
     if dtype == "float16":
-        return x.astype(np.float16), None
+        return x.astype(np.float16, copy=False), None  # iosd-gen hands float16 over as float16
     if dtype == "bfloat16":
         bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
         # round to nearest even, as torch does when casting to bfloat16
@@ -126,26 +127,60 @@ def dequantize(stored: np.ndarray, dtype: str, scale: np.ndarray | None = None) 
 
 
 def encode_features(layers: dict[str, np.ndarray], dtype: str = "float16", codec: str = DEFAULT_CODEC) -> bytes:
-    """Zip bytes of a zarr v3 group holding each layer (path -> (C, H, W) array)."""
+    """Zip bytes of a zarr v3 group holding each layer (path -> (C, H, W) array).
+
+    The bytes are zarr's own: every ``zarr.json`` document is the one zarr writes for that
+    array (made by zarr once per shape, dtype and codec, then reused), each chunk the array's
+    little-endian bytes through the blosc codec zarr configures; only zarr's per-array
+    machinery (an event loop and three copies of every chunk) is skipped. Tests hold it
+    byte-identical to writing the group with zarr."""
     if codec not in CODECS:
         raise UserError(f"unknown feature codec {codec!r}", f"use one of {', '.join(CODECS)}")
-    stored = {path: _quantize(np.asarray(x), dtype) for path, x in layers.items()}
     attrs = {"iosd_features": {"dtype": dtype, "codec": codec, "layers": {p: layer_key(p) for p in layers}}}
-    store = MemoryStore()
-    group = zarr.create_group(store=store, attributes=attrs)  # attributes at creation: zarr.json once
-    for path, (q, scale) in stored.items():
+    entries = {"zarr.json": _group_document(json.dumps(attrs))}  # key order kept, as zarr keeps it
+    for path, x in layers.items():
+        q, scale = _quantize(np.asarray(x), dtype)
         key = layer_key(path)
-        arr = group.create_array(key, shape=q.shape, dtype=q.dtype, chunks=q.shape, compressors=CODECS[codec]())
-        arr[...] = q
+        _add_array(entries, key, q, codec)
         if scale is not None:
-            sarr = group.create_array(f"{key}{SCALE_SUFFIX}", shape=scale.shape, dtype=scale.dtype, chunks=scale.shape, compressors=[])
-            sarr[...] = scale
+            _add_array(entries, f"{key}{SCALE_SUFFIX}", scale, "none")
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
-        for name in sorted(store._store_dict):
+        for name in sorted(entries):
             info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))  # byte-identical reruns
-            zf.writestr(info, store._store_dict[name].to_bytes())
+            zf.writestr(info, entries[name])
     return buf.getvalue()
+
+
+@functools.lru_cache(maxsize=64)
+def _group_document(attrs_json: str) -> bytes:
+    """The group's zarr.json, as zarr writes it for these attributes."""
+    store = MemoryStore()
+    zarr.create_group(store=store, attributes=json.loads(attrs_json))
+    return store._store_dict["zarr.json"].to_bytes()
+
+
+@functools.lru_cache(maxsize=1024)
+def _array_template(shape: tuple[int, ...], dtype: str, codec: str) -> tuple[bytes, object | None]:
+    """(zarr.json bytes, the numcodecs Blosc zarr configures, or None) of a one-chunk array,
+    read off an empty array that zarr itself creates."""
+    store = MemoryStore()
+    arr = zarr.create_array(store=store, shape=shape, dtype=np.dtype(dtype), chunks=shape, compressors=CODECS[codec]())
+    blosc = None
+    for c in arr.metadata.codecs:
+        if isinstance(c, BloscCodec):
+            blosc = c._blosc_codec  # zarr's own numcodecs Blosc, typesize and shuffle as it evolves them
+    return store._store_dict["zarr.json"].to_bytes(), blosc
+
+
+def _add_array(entries: dict[str, bytes], key: str, q: np.ndarray, codec: str) -> None:
+    document, blosc = _array_template(tuple(q.shape), q.dtype.str, codec)
+    entries[f"{key}/zarr.json"] = document
+    q = np.ascontiguousarray(q, dtype=q.dtype.newbyteorder("<"))
+    if not q.reshape(-1).view(np.uint8).any():  # zarr writes no chunk that is all fill value:
+        return  # for 0 it compares bit patterns, so -0.0 is written
+    chunk_name = f"{key}/c/" + "/".join("0" * q.ndim) if q.ndim else f"{key}/c"
+    entries[chunk_name] = blosc.encode(q) if blosc is not None else q.reshape(-1).view(np.uint8).data
 
 
 def open_feature_group(data: bytes) -> zarr.Group:

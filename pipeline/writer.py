@@ -12,6 +12,7 @@ directory, so ``wids.ShardListDataset("DIR/wids-index.json")`` reads the set as 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,11 +23,12 @@ import webdataset as wds
 
 from iosd import __version__
 from iosd.errors import UserError
-from iosd.manifest import check_schema, sha256_file, write_json_atomic
+from iosd.manifest import check_schema, write_json_atomic
 from iosd.projection import PROJECTION_NAME
 from iosd.schema import MANIFEST_NAME, SCHEMA_VERSION, SHARD_GLOB, shard_name
 
 PARTS_DIR = ".parts"
+WRITE_BUFFER = 8 << 20  # bytes per write() to the shard file (see _HashingSink)
 WIDS_INDEX_NAME = "wids-index.json"
 
 
@@ -48,6 +50,23 @@ def add_counts(total: dict, part: dict) -> dict:
         else:
             total[key] = total.get(key, 0) + value
     return total
+
+
+class _HashingSink:
+    """The tar stream's file: tarfile writes 10 KiB records, collected here into 8 MiB
+    writes (a thousand times fewer system calls, and page-cache folios that a reader copies
+    from at memory speed rather than at a third of it), hashed as they pass (no second read
+    of the shard for its sha256)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.digest = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 class ShardSetWriter:
@@ -122,14 +141,15 @@ class ShardSetWriter:
         tmp = self.out / f".{name}.tmp-{os.getpid()}"
         count = 0
         try:
-            with open(tmp, "wb") as f:
-                with wds.TarWriter(f, encoder=False, mtime=0, user="iosd", group="iosd") as sink:
+            with open(tmp, "wb", buffering=WRITE_BUFFER) as f:
+                hashed = _HashingSink(f)
+                with wds.TarWriter(hashed, encoder=False, mtime=0, user="iosd", group="iosd") as sink:
                     for sample in samples:
                         sink.write(sample)
                         count += 1
                 f.flush()
                 os.fsync(f.fileno())
-            record = {"name": name, "index": index, "samples": count, "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp), "stats": stats}
+            record = {"name": name, "index": index, "samples": count, "bytes": tmp.stat().st_size, "sha256": hashed.digest.hexdigest(), "stats": stats}
             os.replace(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)

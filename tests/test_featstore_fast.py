@@ -100,6 +100,41 @@ def test_the_format_stays_a_zarr_group_readable_by_zarr_alone():
     assert np.array_equal(values, decode_features(data)["mid_block"])
 
 
+def zarr_written(feats: dict[str, np.ndarray], dtype: str, codec: str) -> bytes:
+    """The group as zarr itself writes it (create_group, create_array, arr[...] = q), zipped
+    as encode_features zips its entries."""
+    from iosd.featstore import SCALE_SUFFIX, _quantize
+
+    attrs = {"iosd_features": {"dtype": dtype, "codec": codec, "layers": {p: layer_key(p) for p in feats}}}
+    store = MemoryStore()
+    group = zarr.create_group(store=store, attributes=attrs)
+    for path, x in feats.items():
+        q, scale = _quantize(x, dtype)
+        group.create_array(layer_key(path), shape=q.shape, dtype=q.dtype, chunks=q.shape, compressors=CODECS[codec]())[...] = q
+        if scale is not None:
+            group.create_array(f"{layer_key(path)}{SCALE_SUFFIX}", shape=scale.shape, dtype=scale.dtype, chunks=scale.shape, compressors=[])[...] = scale
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name in sorted(store._store_dict):
+            zf.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), store._store_dict[name].to_bytes())
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("dtype", FEATURE_DTYPES)
+@pytest.mark.parametrize("codec", list(CODECS))
+def test_the_encoder_writes_zarrs_own_bytes(dtype, codec):
+    """The lean encoder skips zarr's machinery, not its format: byte for byte what zarr
+    writes, the all-zero layer (no chunk), -0.0 and a late non-zero value included."""
+    feats = layers()
+    feats["down_blocks.1.attentions.0"] = np.array([[[-0.0, 0.0], [0.0, -0.0]]], np.float32)
+    late = np.zeros((2, 64, 64), np.float32)
+    late[1, 63, 63] = 2.5
+    feats["down_blocks.1.resnets.1"] = late
+    assert encode_features(feats, dtype, codec) == zarr_written(feats, dtype, codec)
+    half = {p: x.astype(np.float16) for p, x in feats.items()}  # as iosd-gen hands float16 over
+    assert encode_features(half, dtype, codec) == zarr_written(half, dtype, codec)
+
+
 def test_e4m3_table_is_torchs_float8():
     bits = torch.arange(256, dtype=torch.int32).to(torch.uint8)
     expected = bits.view(torch.float8_e4m3fn).float().numpy()
@@ -290,6 +325,58 @@ def test_a_shard_whose_features_differ_from_the_manifest_stops_training_naming_i
     assert result.exit_code == 2, result.output
     assert ".tar" in result.output and "stored int8, the manifest says float16" in result.output
     assert "Traceback" not in result.output
+
+
+def test_the_pool_gives_each_batch_part_its_own_buffer_back():
+    """A batch takes two buffers (features, small parts); released in order, each comes back
+    for the same part: a pool that handed the features' slot to the small parts would
+    allocate fresh shared memory for nearly every batch (a page fault per 4 KiB)."""
+    from iosd.train.data import BufferPool
+
+    board = torch.zeros(8, dtype=torch.int8)
+    pool = BufferPool(board)
+    big, small = (("features", (4, 64), "<f2"),), (("queries", (4, 2, 8), "<f4"),)
+    storages, in_use = set(), []
+    for _ in range(20):
+        parts = [pool.storage(big, 512)]
+        if len(in_use) > 1:  # the main process lets a batch go while the worker fills the next
+            for slot in in_use.pop(0):
+                board[slot] = 0
+        parts.append(pool.storage(small, 256))
+        storages.update(s.data_ptr() for s, _ in parts)
+        in_use.append([slot for _, (_, slot) in parts])
+    assert len(storages) <= 2 * 3
+
+
+def test_every_feature_batch_lives_in_the_arena_of_workers_plus_one_slots(shapes_set):
+    """The loader's memory bound by construction: with one batch in flight per worker and
+    the batch in use let go before the next is fetched, workers + 1 arena slots always
+    suffice (no batch falls back to memory of its own) and they hold the right values."""
+    from iosd.train.data import TrainLoader, TrainStream
+    from iosd.train.shards import resolve_shards
+
+    shard_set = resolve_shards(str(shapes_set))
+    reference = {}
+    for tar_path in sorted(shapes_set.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for info in tar:
+                if info.name.endswith("." + EXT_FEAT):
+                    reference[info.name.split(".")[0]] = decode_features(tar.extractfile(info).read())
+    spec = DecodeSpec.for_shards(shard_set, subsets=None, mask_size=16)
+    for workers in (0, 2):
+        loader = TrainLoader(TrainStream(shard_set, spec, 2), workers)
+        try:
+            assert loader.arena.slots == workers + 1
+            for _ in range(12):
+                batch = loader.next(lambda message: None)
+                assert loader.slot is not None, "a batch fell back to a buffer outside the arena"
+                values = to_device_features(batch, "cpu")
+                for b, key in enumerate(batch["keys"]):
+                    for path, x in values.items():
+                        assert torch.equal(x[b], torch.from_numpy(reference[key][path])), (key, path)
+            assert int(loader.arena.board.sum()) <= workers + 1
+        finally:
+            loader.close()
 
 
 def test_pooled_worker_buffers_are_never_overwritten_while_a_batch_is_in_use(shapes_set):

@@ -132,16 +132,22 @@ def _streamed_samples(url: str) -> Iterator[dict]:
 
 def _mapped_samples(url: str, path: str) -> Iterator[dict]:
     """Samples of a local tar, members grouped by key as webdataset does (the key is the
-    name up to the first dot of its base name); a partial last sample is never yielded."""
+    name up to the first dot of its base name); a partial last sample is never yielded.
+
+    Once the consumer asks for the next sample, the last one's pages leave this process
+    (``MADV_DONTNEED``: they stay in the page cache): a worker's resident memory holds one
+    sample of its shard, not every page of it read so far."""
     try:
         f = open(path, "rb")
     except OSError as err:
         raise ShardError(f"{url}: cannot open ({type(err).__name__}: {err})") from None
     current: dict | None = None
+    mapping, span = None, [0, 0]
     with f:
         try:
             size = os.fstat(f.fileno()).st_size
-            view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)) if size else memoryview(b"")
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+            view = memoryview(mapping) if mapping is not None else memoryview(b"")
             with tarfile.open(fileobj=f, mode="r:") as tar:
                 for info in tar:
                     if not info.isfile():
@@ -156,15 +162,28 @@ def _mapped_samples(url: str, path: str) -> Iterator[dict]:
                     if current is None or prefix != current["__key__"]:
                         if current is not None:
                             yield current
-                        current = {"__key__": prefix, "__url__": url}
+                            _drop_pages(mapping, *span)
+                        current, span = {"__key__": prefix, "__url__": url}, [info.offset, end]
                     if suffix in current:
                         raise tarfile.ReadError(f"duplicate file name {info.name}")
                     data = view[info.offset_data : end]
                     current[suffix] = data if suffix == EXT_FEAT else bytes(data)
+                    span[1] = end
         except (tarfile.TarError, OSError, ValueError, EOFError) as err:
             raise ShardError(f"{url}: {type(err).__name__}: {err}") from None
     if current is not None:
         yield current
+        _drop_pages(mapping, *span)
+
+
+def _drop_pages(mapping: mmap.mmap | None, start: int, end: int) -> None:
+    """Unmap [start, end) of a read-only shard mapping from this process (the data stays
+    valid: a later read faults it in again from the page cache)."""
+    if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start -= start % mmap.PAGESIZE
+    if end > start:
+        mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def decode_item(raw: dict, spec: DecodeSpec, check_finite: bool = True) -> dict | None:
@@ -231,7 +250,8 @@ def decode_item(raw: dict, spec: DecodeSpec, check_finite: bool = True) -> dict 
 
 
 _ALIGN = 64  # bytes: where each array of a batch starts in its storage
-POOL_SLOTS = 16  # buffers per worker: two per batch (features, small parts) prefetched or in use, slack
+POOL_SLOTS = 16  # small-part buffers per worker: prefetched or in use, slack
+PREFETCH = 1  # batches in flight per worker (TrainLoader): what bounds the loader's memory
 
 
 def _new_storage(nbytes: int) -> torch.UntypedStorage:
@@ -255,30 +275,112 @@ class BufferPool:
 
     def storage(self, signature: tuple, nbytes: int) -> tuple[torch.UntypedStorage, tuple[int, int] | None]:
         if self.board is not None:
-            for slot in range(len(self.board)):
-                if int(self.board[slot]) == 0:
-                    held = self.held.get(slot)
-                    if held is None or held[0] != signature:
-                        held = self.held[slot] = (signature, _new_storage(nbytes))
-                    self.board[slot] = 1
-                    return held[1], (self.worker, slot)
+            free = [slot for slot in range(len(self.board)) if int(self.board[slot]) == 0]
+            if free:
+                # a free buffer of this shape first, then an unused slot, then any free one
+                # (features and a batch's small parts alternate: first-free would swap them)
+                rank = lambda s: 0 if self.held.get(s, (None,))[0] == signature else 1 if s not in self.held else 2  # noqa: E731
+                slot = min(free, key=lambda s: (rank(s), s))
+                held = self.held.get(slot)
+                if held is None or held[0] != signature:
+                    held = self.held[slot] = (signature, _new_storage(nbytes))
+                self.board[slot] = 1
+                return held[1], (self.worker, slot)
         return _new_storage(nbytes), None
+
+
+def _plan(shapes: dict) -> tuple[list[tuple], int]:
+    """(name, shape, NumPy dtype, byte offset) of each array laid out in one buffer, and its size."""
+    plan, offset = [], 0
+    for name, (shape, dtype) in shapes.items():
+        offset = -(-offset // _ALIGN) * _ALIGN
+        plan.append((name, tuple(shape), np.dtype(dtype), offset))
+        offset += math.prod(shape) * np.dtype(dtype).itemsize
+    return plan, offset
+
+
+def _views(storage: torch.UntypedStorage, plan: list[tuple], base: int = 0) -> dict:
+    """Tensors of a plan, views of ``storage`` from byte ``base`` on."""
+    out = {}
+    for name, shape, dtype, start in plan:
+        like = torch.from_numpy(np.empty(0, dtype))
+        out[name] = like.new_empty(0).set_(storage, (base + start) // dtype.itemsize, shape)
+    return out
 
 
 def _pooled(shapes: dict, pool: BufferPool | None) -> tuple[dict, tuple[int, int] | None]:
     """Tensors of the given (shape, NumPy dtype), views of one storage from ``pool``."""
-    plan, offset = [], 0
-    for name, (shape, dtype) in shapes.items():
-        offset = -(-offset // _ALIGN) * _ALIGN
-        plan.append((name, shape, dtype, offset))
-        offset += math.prod(shape) * dtype.itemsize
+    plan, size = _plan(shapes)
     signature = tuple((name, shape, dtype.str) for name, shape, dtype, _ in plan)
-    storage, buffer = (pool or BufferPool()).storage(signature, max(offset, 1))
-    out = {}
-    for name, shape, dtype, start in plan:
-        like = torch.from_numpy(np.empty(0, dtype))
-        out[name] = like.new_empty(0).set_(storage, start // dtype.itemsize, shape)
-    return out, buffer
+    storage, buffer = (pool or BufferPool()).storage(signature, max(size, 1))
+    return _views(storage, plan), buffer
+
+
+def feature_shapes(layers, dtype: str, batch_size: int) -> dict:
+    """(group, path) -> ((B, ...), NumPy dtype) of a batch's stored features and scales."""
+    from iosd.featstore import STORED_DTYPES
+
+    shapes = {("features", path): ((batch_size, *shape), STORED_DTYPES[dtype]) for path, shape in layers}
+    if dtype in SCALED:
+        shapes.update({("scales", path): ((batch_size, shape[0]), np.dtype("<f4")) for path, shape in layers})
+    return shapes
+
+
+class BatchArena:
+    """Every feature batch of a training run lives in one of (workers + 1) slots of a single
+    shared-memory buffer, made by the main process before its workers start: a worker claims
+    a free slot (under a lock: any worker may take any slot), fills it and sends only the slot
+    number; the main process reads its own mapping of the same memory (no file descriptor
+    passes, no page is mapped again) and frees the slot when it asks for the next batch.
+    With one batch in flight per worker that bounds the loader's memory by construction:
+    workers + 1 slots are ever in use, so resident memory stays within (workers + 2) x batch
+    bytes (the last one for the sample each worker is decoding and the small parts). On CUDA the buffer is page-locked once (``cudaHostRegister``), so batches come back
+    pinned without a copy; a slot is then freed only after its copy to the device finished."""
+
+    def __init__(self, slots: int, slot_bytes: int, shared: bool) -> None:
+        import multiprocessing
+
+        self.slots, self.slot_bytes = slots, -(-slot_bytes // _ALIGN) * _ALIGN
+        nbytes = max(1, slots * self.slot_bytes)
+        self.storage = torch.UntypedStorage._new_shared(nbytes) if shared else torch.UntypedStorage(nbytes)
+        self.board = torch.zeros(slots, dtype=torch.int8)
+        if shared:
+            self.board.share_memory_()
+        context = _mp_context() if shared else None
+        self.lock = (context or multiprocessing).Lock() if shared else _NoLock()
+
+    def claim(self) -> int | None:
+        """A free slot, now taken; None when every slot is in use (the caller falls back)."""
+        with self.lock:
+            free = (self.board == 0).nonzero()
+            if not len(free):
+                return None
+            slot = int(free[0])
+            self.board[slot] = 1
+            return slot
+
+    def release(self, slot: int) -> None:
+        with self.lock:
+            self.board[slot] = 0
+
+    def views(self, slot: int, plan: list[tuple]) -> dict:
+        return _views(self.storage, plan, slot * self.slot_bytes)
+
+    def pin(self) -> bool:
+        """Page-lock the buffer for CUDA copies; False where that is not possible."""
+        try:
+            err = torch.cuda.cudart().cudaHostRegister(self.storage.data_ptr(), self.storage.nbytes(), 0)
+        except Exception:  # no CUDA runtime, or a build without it
+            return False
+        return int(err) == 0
+
+
+class _NoLock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
 class BatchBuilder:
@@ -286,14 +388,15 @@ class BatchBuilder:
     into the batch's buffer (from the pool) and checked for finite values there, in one pass
     over memory (the copy reads the mapped shard, the check reads the cache)."""
 
-    def __init__(self, batch_size: int, pool: BufferPool | None = None) -> None:
-        self.batch_size, self.pool = batch_size, pool
+    def __init__(self, batch_size: int, pool: BufferPool | None = None, arena: BatchArena | None = None) -> None:
+        self.batch_size, self.pool, self.arena = batch_size, pool, arena
         self._reset()
 
     def _reset(self) -> None:
         self.items: list[dict] = []
         self.arrays: dict[tuple[str, str], torch.Tensor] | None = None
         self.buffer: tuple[int, int] | None = None
+        self.slot: tuple[int, list[tuple]] | None = None  # (arena slot, plan) holding the features
         self.dtype: str | None = None
 
     def __len__(self) -> int:
@@ -301,8 +404,14 @@ class BatchBuilder:
 
     def _allocate(self, item: dict) -> None:
         shapes = {(group, path): ((self.batch_size, *a.shape), a.dtype) for group in ("features", "scales") for path, a in item[group].items()}
-        self.arrays, self.buffer = _pooled(shapes, self.pool)
         self.dtype = item["feature_dtype"]
+        if self.arena is not None:
+            plan, size = _plan(shapes)
+            slot = self.arena.claim() if size <= self.arena.slot_bytes else None
+            if slot is not None:
+                self.arrays, self.slot = self.arena.views(slot, plan), (slot, plan)
+                return
+        self.arrays, self.buffer = _pooled(shapes, self.pool)
 
     def add(self, item: dict) -> None:
         """Copy one decoded item in; SampleError (nothing added) when it holds NaN or infinity."""
@@ -324,7 +433,7 @@ class BatchBuilder:
 
     def take(self) -> dict:
         """The batch of the items added so far (features as views of the buffer); starts anew."""
-        items, arrays, buffer, dtype = self.items, self.arrays or {}, self.buffer, self.dtype
+        items, arrays, buffer, dtype, slot = self.items, self.arrays or {}, self.buffer, self.dtype, self.slot
         self._reset()
         n = len(items)
         features = {path: t[:n] for (group, path), t in arrays.items() if group == "features"}
@@ -360,6 +469,8 @@ class BatchBuilder:
             for name in ("targets", "masks"):
                 if name in it:
                     batch[name][b, :q] = it[name]
+        if slot is not None:  # the features travel as their arena slot: the receiver has the memory
+            batch.update(features={}, scales={}, arena=(slot[0], slot[1], n))
         return batch
 
 
@@ -483,6 +594,7 @@ class TrainStream(_Reader, IterableDataset):
         self.rotate = rotate
         self.barren_limit = 3 * len(self.urls) + 10
         self.board: torch.Tensor | None = None  # shared buffer-slot table, set by TrainLoader
+        self.arena: BatchArena | None = None  # the feature batches' memory, set by TrainLoader
 
     def url_at(self, position: int) -> str:
         """The shard at global position ``position`` of the endless sequence."""
@@ -497,7 +609,7 @@ class TrainStream(_Reader, IterableDataset):
         slot, slots = self.rank * workers + worker, self.world * workers
         pool = BufferPool(self.board[physical] if self.board is not None else None, physical)
         shard, start = self.start.get(slot, (0, 0))
-        builder = BatchBuilder(self.batch_size, pool)
+        builder = BatchBuilder(self.batch_size, pool, self.arena)
         notes: list[str] = []
         stats: Counter = Counter()
         barren = 0
@@ -572,18 +684,29 @@ class TrainLoader:
     """The rank's batch iterator: workers decode, this side tracks what was consumed.
 
     A batch's feature tensors are valid until the next call to ``next()``: workers then fill
-    their shared-memory buffers again (copy them, e.g. to the device, before asking for the
-    next batch; the trainer's ``_to_device`` does)."""
+    their buffers again (copy them, e.g. to the device, before asking for the next batch;
+    the trainer's ``_to_device`` does, then calls ``copied()``). Each worker has one batch in
+    flight (``prefetch`` 1) and the batch in use here is let go before the next is fetched:
+    workers + 1 feature batches exist at any time, in a ``BatchArena`` of workers + 1 slots."""
 
-    def __init__(self, stream: TrainStream, workers: int, *, pin_memory: bool = False, prefetch: int = 4) -> None:
+    def __init__(self, stream: TrainStream, workers: int, *, pin_memory: bool = False, prefetch: int = PREFETCH) -> None:
         self.stream, self.workers = stream, max(0, workers)
         options = {"num_workers": self.workers, "batch_size": None, "pin_memory": pin_memory}
-        # which batch buffers the main process still uses (see BufferPool); made before the workers start
+        # which small-part buffers the main process still uses (see BufferPool); made before the workers start
         self.board = torch.zeros(max(self.workers, 1), max(POOL_SLOTS, 2 * (prefetch + 3)), dtype=torch.int8)
         if self.workers:
             options.update(prefetch_factor=prefetch, persistent_workers=False, multiprocessing_context=_mp_context(), worker_init_fn=_ignore_sigint)
             self.board.share_memory_()
         stream.board = self.board
+        self.arena = None
+        if stream.spec.dtype is not None:  # the layout is known: every feature batch has one size
+            _, size = _plan(feature_shapes(stream.spec.layers, stream.spec.dtype, stream.batch_size))
+            self.arena = BatchArena(self.workers * prefetch + 1, size, shared=self.workers > 0)
+        stream.arena = self.arena
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.registered = self.pin_memory and self.arena is not None and self.arena.pin()
+        self.event = None  # CUDA event after the batch in use was copied to the device
+        self.slot: int | None = None  # the arena slot of the batch in use
         self.in_use: list[tuple[int, int]] = []
         self.loader = DataLoader(stream, **options)
         self.iterator = iter(self.loader)
@@ -599,9 +722,11 @@ class TrainLoader:
 
     def next(self, note) -> dict:
         """The next batch; notes from workers go to ``note``; a worker's error becomes a UserError."""
+        self._release()  # first: the worker given the next task may refill that slot at once
         batch = next(self.iterator)
-        self._release()
         self.in_use = batch.pop("buffer", None) or []
+        if "arena" in batch:
+            self._from_arena(batch, *batch.pop("arena"))
         if "error" in batch:
             raise UserError(*batch["error"])
         for message in batch.pop("notes", []):
@@ -610,14 +735,46 @@ class TrainLoader:
         self.consumed += 1
         return batch
 
+    def _from_arena(self, batch: dict, slot: int, plan: list[tuple], n: int) -> None:
+        """The batch's features as views of this process's mapping of its arena slot."""
+        # the DataLoader hands tuples over as lists: the plan's names and shapes come back as tuples
+        plan = [(tuple(name), tuple(shape), np.dtype(dtype), int(offset)) for name, shape, dtype, offset in plan]
+        views = self.arena.views(int(slot), plan)
+        features = {path: t[:n] for (group, path), t in views.items() if group == "features"}
+        if batch["feature_dtype"] == "bfloat16":
+            features = {path: t.view(torch.bfloat16) for path, t in features.items()}
+        batch["features"] = features
+        batch["scales"] = {path: t[:n] for (group, path), t in views.items() if group == "scales"}
+        self.slot = int(slot)
+        if self.pin_memory and not self.registered:  # pinned the slow way: a copy, then the slot is free
+            batch["features"] = {p: t.pin_memory() for p, t in batch["features"].items()}
+            batch["scales"] = {p: t.pin_memory() for p, t in batch["scales"].items()}
+            self._release()
+
+    def copied(self) -> None:
+        """The batch in use has been queued for its device copy: its slot may be refilled once
+        that copy is done (page-locked slots are read by the GPU after this returns)."""
+        if self.registered and self.slot is not None:
+            self.event = torch.cuda.Event()
+            self.event.record()
+
     def _release(self) -> None:
-        """The previous batch's buffer may be filled again."""
+        """The previous batch's buffers may be filled again."""
+        if self.slot is not None:
+            if self.registered:  # the GPU may still be reading the slot
+                self.event.synchronize() if self.event is not None else torch.cuda.synchronize()
+            self.arena.release(self.slot)
+            self.slot, self.event = None, None
         for worker, slot in self.in_use:
             self.board[worker, slot] = 0
         self.in_use = []
 
     def close(self) -> None:
         del self.iterator
+        if self.registered:
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaHostUnregister(self.arena.storage.data_ptr())
+            self.registered = False
 
 
 def val_batches(stream: ValStream, workers: int, note) -> Iterator[dict]:

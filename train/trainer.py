@@ -454,6 +454,7 @@ class Trainer:
         try:
             while self.step < cfg.steps:
                 batch = self._to_device(loader.next(self.note))
+                loader.copied()
                 loss = self.train_step(batch)
                 self.step += 1
                 loss_sum += loss.double()
