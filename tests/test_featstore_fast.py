@@ -348,6 +348,17 @@ def test_the_pool_gives_each_batch_part_its_own_buffer_back():
     assert len(storages) <= 2 * 3
 
 
+def features_by_key(shard_dir) -> dict[str, dict[str, np.ndarray]]:
+    """Every sample's features as zarr reads them, by sample key: what batches must hold."""
+    reference = {}
+    for tar_path in sorted(shard_dir.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for info in tar:
+                if info.name.endswith("." + EXT_FEAT):
+                    reference[info.name.split(".")[0]] = decode_features(tar.extractfile(info).read())
+    return reference
+
+
 def test_every_feature_batch_lives_in_the_arena_of_workers_plus_one_slots(shapes_set):
     """The loader's memory bound by construction: with one batch in flight per worker and
     the batch in use let go before the next is fetched, workers + 1 arena slots always
@@ -356,12 +367,7 @@ def test_every_feature_batch_lives_in_the_arena_of_workers_plus_one_slots(shapes
     from iosd.train.shards import resolve_shards
 
     shard_set = resolve_shards(str(shapes_set))
-    reference = {}
-    for tar_path in sorted(shapes_set.glob("*.tar")):
-        with tarfile.open(tar_path) as tar:
-            for info in tar:
-                if info.name.endswith("." + EXT_FEAT):
-                    reference[info.name.split(".")[0]] = decode_features(tar.extractfile(info).read())
+    reference = features_by_key(shapes_set)
     spec = DecodeSpec.for_shards(shard_set, subsets=None, mask_size=16)
     for workers in (0, 2):
         loader = TrainLoader(TrainStream(shard_set, spec, 2), workers)
@@ -386,12 +392,7 @@ def test_pooled_worker_buffers_are_never_overwritten_while_a_batch_is_in_use(sha
     from iosd.train.shards import resolve_shards
 
     shard_set = resolve_shards(str(shapes_set))
-    reference = {}
-    for tar_path in sorted(shapes_set.glob("*.tar")):
-        with tarfile.open(tar_path) as tar:
-            for info in tar:
-                if info.name.endswith("." + EXT_FEAT):
-                    reference[info.name.split(".")[0]] = decode_features(tar.extractfile(info).read())
+    reference = features_by_key(shapes_set)
     spec = DecodeSpec.for_shards(shard_set, subsets=None, mask_size=16)
     loader = TrainLoader(TrainStream(shard_set, spec, 2), 2, prefetch=2)
     try:
