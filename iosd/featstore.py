@@ -9,7 +9,8 @@ Arrays are stored as (the group attribute ``iosd_features.dtype`` says which):
 - ``fp8``: float8 e4m3 ("e4m3fn": no infinities, NaN = 0x7F / 0xFF, largest 448) as its uint8
   bits, with a float32 per-channel scale array ``<key>__scale`` (scale = amax / 448).
 
-Compression is a numcodecs Blosc codec; ``bench/codecs.py`` measured the choice (see ``CODECS``).
+Chunks are stored as they are (``none``, the default) or through a numcodecs Blosc codec;
+``bench/codecs.py`` and ``bench/loader.py`` measured the choice (see ``DEFAULT_CODEC``).
 Readers need nothing but ``zipfile`` and ``zarr``: ``decode_features`` is that reader.
 
 The training loader reads the same bytes by a lean path, ``read_stored``: ``zipfile`` for the
@@ -45,7 +46,10 @@ CODECS = {
     "blosc-lz4": lambda: [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")],
     "none": lambda: [],
 }
-DEFAULT_CODEC = "blosc-zstd"
+# Uncompressed by default: lossless codecs gain 1.04-1.15x on activations (bench/codecs.py)
+# and halve the loader's rate (bench/loader.py: IOSD's 19 maps 110-141 vs 38 samples/s per
+# worker) and the encoder's; fp8, int8 and --project are the ways to fewer bytes.
+DEFAULT_CODEC = "none"
 
 # feature dtype -> the NumPy dtype of the stored array (little-endian, as zarr writes it)
 STORED_DTYPES = {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "int8": np.dtype("i1"), "fp8": np.dtype("u1")}

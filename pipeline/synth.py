@@ -28,6 +28,7 @@ from PIL import Image
 
 from iosd.errors import UserError
 from iosd.export_layout import FORMATS, IMAGE_KEY, PARTS, PREVIEW, REPORT
+from iosd.featstore import DEFAULT_CODEC
 from iosd.manifest import sha256_file, write_json_atomic
 from iosd.pipeline.export import Labelled, make_export
 from iosd.pipeline.prompts import GD_TEMPLATE, GD_TEMPLATE_2, OBJECTS, PromptSpec, make_prompt
@@ -241,7 +242,7 @@ class Synthesizer:
     def _shards_options(self) -> dict:
         if self.cfg.format != "shards":
             return {}
-        return {"header": self.shard_header(), "n_chunks": self.n_chunks, "feature_dtype": self.gen.get("feature_dtype") or "float16", "codec": self.gen.get("codec") or "blosc-zstd"}
+        return {"header": self.shard_header(), "n_chunks": self.n_chunks, "feature_dtype": self.gen.get("feature_dtype") or "float16", "codec": self.gen.get("codec") or DEFAULT_CODEC}
 
     def shard_header(self) -> dict:
         """The shard manifest's fixed fields, from what the checkpoint recorded of its own shards."""
