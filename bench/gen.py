@@ -13,15 +13,17 @@ With a local directory and no teacher options the teacher is mmdet's R50 Mask R-
 random weights (as for the tiny model): an offline GPU box cannot fetch the real one.
 
 ``--encode-only``: no model. For each recipe, features of its real 512-px shapes (random
-normal, in the dtype iosd-gen hands over: float16 when stored as float16, else float32) go through iosd-gen's own encode path (``Generator._encode``:
-featstore encode in the recipe's stored dtype with the default codec, PNG, masks, sample
-record) and its shard writer (tar, sha256, manifest). Prints, per recipe, encode+write
+normal, in the dtype iosd-gen hands over: float16 when stored as float16, else float32) go
+through iosd-gen's own encode path (``Generator._encode``: featstore encode in the recipe's
+stored dtype with the default codec, PNG, masks, sample record) and its shard writer (tar,
+sha256, manifest). Prints, per recipe, encode+write
 samples/s per thread (from the process's CPU seconds, so other load on a shared machine does
 not count), the wall-clock rate with every local core, and the projection to 16 threads
 (16 x the per-thread rate: ``iosd-gen --workers 16`` runs 16 encode threads beside
 ``shard_writers(16)`` threads each writing its own shard, so no stage is held to one thread),
-against the 40 samples/s that one GPU makes with SDXL-Turbo at one step (issue 10). Random features compress less than real activations
-(~1.15x with blosc-zstd), so the bytes are a little pessimistic.
+against the 40 samples/s that one GPU makes with SDXL-Turbo at one step (issue 10). Random
+features compress less than real activations (~1.15x with blosc-zstd), so compressed bytes
+are a little pessimistic.
 
 Run: ``python bench/gen.py [--model DIR] [--recipe R] [--no-teacher]`` or
 ``python bench/gen.py --encode-only [--recipe R]``.

@@ -363,6 +363,7 @@ class Generator:
         if cfg.recipe is None and cfg.model in CPU_STAND_INS and not cfg.quiet and dist_env()[0] == 0:
             _note(stand_in_note(cfg.model, self.cfg.recipe))
         self.split = load_split(self.cfg.classes, self.cfg.split)
+        self._manifest_lock = threading.Lock()  # shard writers rebuild dataset.json one at a time
         self.images = None  # a labelled source, checked whole before anything is written
         if source_kind(self.cfg.source) in LABELLED_SOURCES:
             from iosd.pipeline.real_images import open_labelled
@@ -598,7 +599,6 @@ class Generator:
             mine = [i for i in range(self.plan.n_shards) if i % self.world == self.rank and i not in done]
             todo = sum(self.plan.target(i) for i in mine)
             writers = shard_writers(self.cfg.workers)
-            self._manifest_lock = threading.Lock()
             with stage_progress(self.rank == 0 and not self.cfg.quiet, todo, f"{self.cfg.out}", "gen") as advance, ThreadPoolExecutor(self.cfg.workers) as pool, ThreadPoolExecutor(writers) as writer:
                 pending: list[Future] = []
                 for shard in mine:

@@ -334,8 +334,9 @@ class BatchArena:
     passes, no page is mapped again) and frees the slot when it asks for the next batch.
     With one batch in flight per worker that bounds the loader's memory by construction:
     workers + 1 slots are ever in use, so resident memory stays within (workers + 2) x batch
-    bytes (the last one for the sample each worker is decoding and the small parts). On CUDA the buffer is page-locked once (``cudaHostRegister``), so batches come back
-    pinned without a copy; a slot is then freed only after its copy to the device finished."""
+    bytes (the last one for the sample each worker is decoding and the small parts). On CUDA
+    the buffer is page-locked once (``cudaHostRegister``), so batches come back pinned
+    without a copy; a slot is then freed only after its copy to the device finished."""
 
     def __init__(self, slots: int, slot_bytes: int, shared: bool) -> None:
         import multiprocessing
@@ -749,7 +750,7 @@ class TrainLoader:
         if self.pin_memory and not self.registered:  # pinned the slow way: a copy, then the slot is free
             batch["features"] = {p: t.pin_memory() for p, t in batch["features"].items()}
             batch["scales"] = {p: t.pin_memory() for p, t in batch["scales"].items()}
-            self._release()
+            self._free_slot()
 
     def copied(self) -> None:
         """The batch in use has been queued for its device copy: its slot may be refilled once
@@ -758,13 +759,17 @@ class TrainLoader:
             self.event = torch.cuda.Event()
             self.event.record()
 
-    def _release(self) -> None:
-        """The previous batch's buffers may be filled again."""
+    def _free_slot(self) -> None:
+        """The arena slot of the batch in use may be filled again."""
         if self.slot is not None:
             if self.registered:  # the GPU may still be reading the slot
                 self.event.synchronize() if self.event is not None else torch.cuda.synchronize()
             self.arena.release(self.slot)
             self.slot, self.event = None, None
+
+    def _release(self) -> None:
+        """The previous batch's buffers may be filled again."""
+        self._free_slot()
         for worker, slot in self.in_use:
             self.board[worker, slot] = 0
         self.in_use = []
