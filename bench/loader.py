@@ -344,12 +344,12 @@ def main() -> None:
     parser.add_argument("--cases", default=None, help=f"comma-separated, of: {', '.join(c.name for c in ALL_CASES)} [default: all]")
     parser.add_argument("--samples", type=int, default=None, help="samples per shard set [quick: 16, else 48]")
     parser.add_argument("--shard-size", type=int, default=None, help="samples per shard [quick: 4, else 16]")
-    parser.add_argument("--batch-size", type=int, default=None, help="[4]")
-    parser.add_argument("--batches", type=int, default=None, help="batches timed per worker [24]")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batches", type=int, default=24, help="batches timed per worker")
     parser.add_argument("--workers", type=int, default=None, help="the 'all workers' count [default: os.cpu_count()]")
     parser.add_argument("--tmp", default=None, help="where the shard sets are written [default: a temp dir, removed]")
     args = parser.parse_args()
-    for name, quick, full in (("samples", 16, 48), ("shard_size", 4, 16), ("batch_size", 4, 4), ("batches", 24, 24)):
+    for name, quick, full in (("samples", 16, 48), ("shard_size", 4, 16)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
     by_name = {c.name: c for c in ALL_CASES}

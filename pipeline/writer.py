@@ -53,10 +53,10 @@ def add_counts(total: dict, part: dict) -> dict:
 
 
 class _HashingSink:
-    """The tar stream's file: tarfile writes 10 KiB records, collected here into 8 MiB
-    writes (a thousand times fewer system calls, and page-cache folios that a reader copies
-    from at memory speed rather than at a third of it), hashed as they pass (no second read
-    of the shard for its sha256)."""
+    """The tar stream's file: tarfile's 10 KiB records are hashed as they pass (no second
+    read of the shard for its sha256) into a file buffered in 8 MiB writes (a thousand times
+    fewer system calls, and page-cache folios that a reader copies from at memory speed
+    rather than at a third of it)."""
 
     def __init__(self, f) -> None:
         self.f, self.digest = f, hashlib.sha256()

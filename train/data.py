@@ -347,8 +347,7 @@ class BatchArena:
         self.board = torch.zeros(slots, dtype=torch.int8)
         if shared:
             self.board.share_memory_()
-        context = _mp_context() if shared else None
-        self.lock = (context or multiprocessing).Lock() if shared else _NoLock()
+        self.lock = (_mp_context() or multiprocessing).Lock() if shared else _NoLock()
 
     def claim(self) -> int | None:
         """A free slot, now taken; None when every slot is in use (the caller falls back)."""
