@@ -13,7 +13,7 @@ With a local directory and no teacher options the teacher is mmdet's R50 Mask R-
 random weights (as for the tiny model): an offline GPU box cannot fetch the real one.
 
 ``--encode-only``: no model. For each recipe, features of its real 512-px shapes (random
-normal, in the dtype iosd-gen hands over: float16 when stored as float16, else float32) go
+normal, quantised to the stored dtype as iosd-gen does where the UNet ran) go
 through iosd-gen's own encode path (``Generator._encode``: featstore encode in the recipe's
 stored dtype with the default codec, PNG, masks, sample record) and its shard writer (tar,
 sha256, manifest). Prints, per recipe, encode+write
@@ -45,6 +45,7 @@ import torch
 
 from iosd.errors import user_errors
 from iosd.featstore import DEFAULT_CODEC
+from iosd.layers import FEATURE_DTYPES
 from iosd.pipeline.generate import GenConfig, Generator, load_configured, shard_writers
 from iosd.pipeline.models import TINY_MODELS
 
@@ -141,7 +142,7 @@ def generation(args: argparse.Namespace) -> dict:
     }
 
 
-def encode_rates(recipe: str, samples: int, threads: int, codec: str) -> dict:
+def encode_rates(recipe: str, samples: int, threads: int, codec: str, feature_dtype: str | None = None) -> dict:
     """Encode+write samples/s of iosd-gen's own path on random features of ``recipe``'s real
     512-px shapes (no model: the generator is configured, never set up)."""
     from iosd.layers import layer_key
@@ -149,22 +150,27 @@ def encode_rates(recipe: str, samples: int, threads: int, codec: str) -> dict:
     from iosd.pipeline.families import get_family
     from iosd.pipeline.filter import judge
     from iosd.pipeline.shapes import render_scene
+    from iosd.pipeline.sources import Produced
     from iosd.pipeline.writer import ShardSetWriter
+    from iosd.quantize import quantize_tensor
     from iosd.recipes import get_recipe
 
     shapes = recipe_shapes(recipe)
     dim = get_family(get_recipe(recipe).family).unet_config()["cross_attention_dim"]
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="iosd-bench-encode-") as tmp:
-        cfg = GenConfig(recipe=recipe, classes="shapes", source="shapes", num_samples=samples, shard_size=samples, codec=codec, out=f"{tmp}/set", quiet=True)
+        cfg = GenConfig(recipe=recipe, classes="shapes", source="shapes", num_samples=samples, shard_size=samples, codec=codec, feature_dtype=feature_dtype, out=f"{tmp}/set", quiet=True)
         gen = Generator(cfg)
         c = gen.cfg
         gen.embeddings = {name: rng.standard_normal(dim, dtype=np.float32) for name in gen.split.all}
         gen.projection = None
         subsets = {**dict.fromkeys(gen.split.seen, "seen"), **dict.fromkeys(gen.split.unseen, "unseen")}
-        # as iosd-gen hands them over: float16 features leave the device as float16, others as float32
-        host = np.float16 if c.feature_dtype == "float16" else np.float32
-        features = [{p: rng.standard_normal(s, dtype=np.float32).astype(host) for p, s in shapes.items()} for _ in range(2)]
+        # as iosd-gen hands them over: quantised to the stored dtype where the UNet ran (float16
+        # there), per sample through Produced.sample_features; on a GPU box that is the device's work
+        raw = {p: torch.from_numpy(rng.standard_normal((2, *s), dtype=np.float32)).half() for p, s in shapes.items()}
+        stored = {p: quantize_tensor(t, c.feature_dtype) for p, t in raw.items()}
+        produced = Produced(images=np.zeros(0), features={p: q for p, (q, _) in stored.items()}, scales={p: sc for p, (_, sc) in stored.items() if sc is not None})
+        features = [produced.sample_features(b, c.feature_dtype) for b in range(2)]
         jobs = []
         for a in range(samples):
             cand = gen.plan.candidate(0, a)
@@ -248,11 +254,12 @@ def main() -> None:
     parser.add_argument("--encode-only", action="store_true", help="no model: encode+write rates on each recipe's real feature shapes")
     parser.add_argument("--threads", type=int, default=None, help="--encode-only: the 'all threads' count [os.cpu_count()]")
     parser.add_argument("--codec", default=DEFAULT_CODEC, help="--encode-only: feature codec [iosd-gen's default]")
+    parser.add_argument("--feature-dtype", default=None, choices=FEATURE_DTYPES, help="--encode-only: stored dtype [the recipe's]")
     args = parser.parse_args()
     _quiet_libraries()
     if args.encode_only:
         for recipe in [args.recipe] if args.recipe else RECIPES:
-            print(json.dumps(encode_rates(recipe, args.samples or 8, args.threads or os.cpu_count() or 1, args.codec)), flush=True)
+            print(json.dumps(encode_rates(recipe, args.samples or 8, args.threads or os.cpu_count() or 1, args.codec, args.feature_dtype)), flush=True)
         return
     args.samples = args.samples or 32
     print(json.dumps(generation(args), indent=1))

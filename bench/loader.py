@@ -75,12 +75,14 @@ class Case:
 ALL_CASES = [
     Case("compact"),
     Case("decoder"),
+    Case("decoder", "fp8"),
     Case("decoder", codec="blosc-zstd"),
     Case("iosd"),
     Case("iosd", codec="blosc-zstd"),
     Case("iosd", "int8"),
     Case("iosd", "fp8"),
     Case("gd"),
+    Case("gd", "fp8"),
 ]
 
 

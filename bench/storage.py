@@ -80,6 +80,7 @@ def run_case(root: Path, name: str, gen: dict, held_out_gen: dict, size: dict, s
         "val_seen_miou": _mean(seen),  # mean over the training seeds
         "val_unseen_miou": _mean(unseen),
         "val_seen_miou_per_seed": [round(v, 4) for v in seen],
+        "val_unseen_miou_per_seed": [round(v, 4) for v in unseen],
         "stored": [f"{e['shape'][0]}@{e['shape'][-1]}" for e in features["layers"]],
         "steps": runs[0]["step"],
         "generate_s": round(generated - started, 1),
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--project", default=None, help="comma-separated K values [quick: 8,16,32; full: 8,16,32,64]")
     parser.add_argument("--seeds", type=int, default=1, help="training seeds per case (mIoU is their mean; the spread shows the noise)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for training")
+    parser.add_argument("--cases", default=None, help="comma-separated subset of the cases (float16 always runs: the reference) [default: all]")
     parser.add_argument("--tolerance", type=float, default=0.01, help="mIoU within which a storage counts as good as float16 (0.01 = 1 point)")
     args = parser.parse_args(argv)
     import torch
@@ -126,6 +128,12 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         cases = [(dtype, {"feature_dtype": dtype}, {"feature_dtype": dtype}) for dtype in FEATURE_DTYPES]
         cases += [(f"project-{k}", {"feature_dtype": "float16", "project": k, "calibration_samples": size["calibration"]}, {"feature_dtype": "float16"}) for k in size["project"]]
+        if args.cases:
+            wanted = {"float16", *args.cases.split(",")}
+            unknown = wanted - {name for name, _, _ in cases}
+            if unknown:
+                parser.error(f"unknown case(s) {', '.join(sorted(unknown))}; known: {', '.join(name for name, _, _ in cases)}")
+            cases = [c for c in cases if c[0] in wanted]
         for name, gen, held_out_gen in cases:
             rows.append(run_case(root, name, gen, held_out_gen, size, args.seeds))
             print(json.dumps(rows[-1]), flush=True)

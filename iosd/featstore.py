@@ -30,6 +30,7 @@ import struct
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import zarr
@@ -38,7 +39,7 @@ from zarr.core.buffer import cpu
 from zarr.storage import MemoryStore
 
 from iosd.errors import UserError
-from iosd.layers import FEATURE_DTYPES, layer_key
+from iosd.layers import layer_key
 
 # name -> zarr v3 codec list; every entry is numcodecs underneath.
 CODECS = {
@@ -55,7 +56,6 @@ DEFAULT_CODEC = "none"
 STORED_DTYPES = {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "int8": np.dtype("i1"), "fp8": np.dtype("u1")}
 SCALED = ("int8", "fp8")  # dtypes with a per-channel float32 ``<key>__scale`` array
 SCALE_SUFFIX = "__scale"
-FP8_MAX = 448.0  # largest finite float8 e4m3fn
 
 
 class FeatureLayoutError(ValueError):
@@ -75,47 +75,23 @@ def _e4m3_table() -> np.ndarray:
 E4M3_TABLE = _e4m3_table()
 
 
-def _channel_scale(x32: np.ndarray, top: float) -> np.ndarray:
-    """Per-channel amax / top; 1 for all-zero channels; NaN or inf stay (the loader refuses them)."""
-    amax = np.abs(x32.reshape(x32.shape[0], -1)).max(axis=1) if x32.size else np.zeros(x32.shape[:1], np.float32)
-    return np.where(amax == 0, 1.0, amax / top).astype(np.float32)
-
-
 def _per_channel(scale: np.ndarray, ndim: int) -> np.ndarray:
     return scale.reshape(-1, *([1] * (ndim - 1)))
 
 
-def _to_e4m3_bits(x32: np.ndarray) -> np.ndarray:
-    """uint8 bits of float8 e4m3fn, rounded to nearest even (torch's cast)."""
-    import torch
-
-    if not hasattr(torch, "float8_e4m3fn"):
-        raise UserError(f"--feature-dtype fp8 needs float8 support in torch (torch {torch.__version__} has no float8_e4m3fn)", "upgrade torch to 2.1 or newer, or use --feature-dtype int8")
-    return torch.from_numpy(np.ascontiguousarray(x32)).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
-
-
 def _quantize(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Cast one (C, H, W) float array to its stored form (and the per-channel scales)."""
+    """Cast one (C, H, W) float array to its stored form (and the per-channel scales) by
+    ``iosd.quantize``, the rule iosd-gen also runs on the device."""
     if dtype == "float16":
         return x.astype(np.float16, copy=False), None  # iosd-gen hands float16 over as float16
-    if dtype == "bfloat16":
-        bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-        # round to nearest even, as torch does when casting to bfloat16
-        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (rounded >> 16).astype(np.uint16), None
-    if dtype == "int8":
-        x32 = x.astype(np.float32)
-        scale = _channel_scale(x32, 127.0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            q = np.clip(np.rint(x32 / _per_channel(scale, x32.ndim)), -127, 127).astype(np.int8)
-        return q, scale
-    if dtype == "fp8":
-        x32 = x.astype(np.float32)
-        scale = _channel_scale(x32, FP8_MAX)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            y = np.clip(x32 / _per_channel(scale, x32.ndim), -FP8_MAX, FP8_MAX)  # NaN stays NaN
-        return _to_e4m3_bits(y), scale
-    raise UserError(f"unknown feature dtype {dtype!r}", f"use one of {', '.join(FEATURE_DTYPES)}")
+    import torch
+
+    from iosd.quantize import quantize_tensor
+
+    x = x if x.flags.writeable else x.copy()  # torch.from_numpy warns on read-only arrays
+    q, scale = quantize_tensor(torch.from_numpy(np.ascontiguousarray(x))[None], dtype)
+    q = q[0].numpy().view(STORED_DTYPES[dtype])
+    return q, (scale[0].numpy() if scale is not None else None)
 
 
 def dequantize(stored: np.ndarray, dtype: str, scale: np.ndarray | None = None) -> np.ndarray:
@@ -130,8 +106,9 @@ def dequantize(stored: np.ndarray, dtype: str, scale: np.ndarray | None = None) 
 
 
 
-def encode_features(layers: dict[str, np.ndarray], dtype: str = "float16", codec: str = DEFAULT_CODEC) -> bytes:
-    """Zip bytes of a zarr v3 group holding each layer (path -> (C, H, W) array).
+def encode_features(layers: dict[str, np.ndarray] | StoredFeatures, dtype: str = "float16", codec: str = DEFAULT_CODEC) -> bytes:
+    """Zip bytes of a zarr v3 group holding each layer (path -> (C, H, W) array), or of
+    features already in their stored form (``StoredFeatures``: quantised on the device).
 
     The bytes are zarr's own: every ``zarr.json`` document is the one zarr writes for that
     array (made by zarr once per shape, dtype and codec, then reused), each chunk the array's
@@ -140,10 +117,18 @@ def encode_features(layers: dict[str, np.ndarray], dtype: str = "float16", codec
     byte-identical to writing the group with zarr."""
     if codec not in CODECS:
         raise UserError(f"unknown feature codec {codec!r}", f"use one of {', '.join(CODECS)}")
-    attrs = {"iosd_features": {"dtype": dtype, "codec": codec, "layers": {p: layer_key(p) for p in layers}}}
+    if isinstance(layers, StoredFeatures):
+        dtype, stored = layers.dtype, layers
+    else:
+        stored = StoredFeatures(dtype, {}, {})
+        for path, x in layers.items():
+            stored.arrays[path], scale = _quantize(np.asarray(x), dtype)
+            if scale is not None:
+                stored.scales[path] = scale
+    attrs = {"iosd_features": {"dtype": dtype, "codec": codec, "layers": {p: layer_key(p) for p in stored.arrays}}}
     entries = {"zarr.json": _group_document(json.dumps(attrs))}  # key order kept, as zarr keeps it
-    for path, x in layers.items():
-        q, scale = _quantize(np.asarray(x), dtype)
+    for path, q in stored.arrays.items():
+        scale = stored.scales.get(path)
         key = layer_key(path)
         _add_array(entries, key, q, codec)
         if scale is not None:
@@ -332,20 +317,57 @@ class _ViewFile:
         return True
 
 
+class _Entry(NamedTuple):
+    header_offset: int
+    compress_size: int
+    compress_type: int
+    flag_bits: int
+
+
+_END = struct.Struct("<4s4xHHIIH")  # end of central directory: signature, entries (disk, total), size, offset, comment length
+_CENTRAL = struct.Struct("<4s4xHH4xIIIHHH8xI")  # signature, flags, method, crc, sizes, name/extra/comment lengths, offset
+
+
+def _central_directory(view: memoryview) -> dict[str, _Entry] | None:
+    """name -> entry of a plain zip (no comment, no zip64, as encode_features writes it), read
+    in place; None for anything else (zipfile reads it). A tenth of zipfile's time: features
+    have dozens of entries per sample."""
+    if len(view) < _END.size:
+        return None
+    signature, on_disk, count, size, offset, comment = _END.unpack_from(view, len(view) - _END.size)
+    if signature != b"PK\x05\x06" or comment or on_disk != count or offset + size != len(view) - _END.size:
+        return None
+    entries, pos = {}, offset
+    for _ in range(count):
+        if pos + _CENTRAL.size > offset + size:
+            return None
+        sig, flags, method, _crc, csize, usize, name_len, extra_len, comment_len, header = _CENTRAL.unpack_from(view, pos)
+        if sig != b"PK\x01\x02" or 0xFFFFFFFF in (csize, usize, header):
+            return None
+        start = pos + _CENTRAL.size
+        entries[bytes(view[start : start + name_len]).decode("utf-8" if flags & 0x800 else "cp437")] = _Entry(header, csize, method, flags)
+        pos = start + name_len + extra_len + comment_len
+    return entries if pos == offset + size else None
+
+
 class _Members:
     """The entries of a zip held in memory; stored entries come back as views (no copy)."""
 
     def __init__(self, data) -> None:
         self.view = memoryview(data).cast("B")
-        self.zip = zipfile.ZipFile(_ViewFile(self.view))
-        self.infos = self.zip.NameToInfo
+        self.infos = _central_directory(self.view)
+        self.zip = None
+        if self.infos is None:
+            self.zip = zipfile.ZipFile(_ViewFile(self.view))
+            self.infos = self.zip.NameToInfo
 
     def get(self, name: str):
         info = self.infos.get(name)
         if info is None:
             return None
         if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
-            return self.zip.read(name)  # deflated by some other tool: zipfile inflates it
+            # deflated by some other tool: zipfile inflates it
+            return (self.zip or zipfile.ZipFile(_ViewFile(self.view))).read(name)
         signature, name_len, extra_len = _LOCAL_HEADER.unpack_from(self.view, info.header_offset)
         if signature != _LOCAL_SIGNATURE:
             raise ValueError(f"zip entry {name}: bad local header")
@@ -415,38 +437,27 @@ def read_stored(data: bytes | memoryview, layers: Iterable[tuple[str, Iterable[i
 
 # -- finite checks on stored arrays ------------------------------------------------------------
 
-# dtype -> (bit view, magnitude mask, smallest non-finite magnitude): exponent all ones
-_NONFINITE = {"float16": (np.uint16, 0x7FFF, 0x7C00), "bfloat16": (np.uint16, 0x7FFF, 0x7F80), "fp8": (np.uint8, 0x7F, 0x7F)}
-_BLOCK = 1 << 17  # elements per pass: the temporary stays in cache
+# dtype -> (signed and unsigned views of its bits, smallest non-finite magnitude: exponent all
+# ones). A value is non-finite iff its magnitude bits reach that limit: for a positive value the
+# signed view then reaches it too, for a negative one the unsigned view reaches sign | limit. So
+# two max reductions over the stored bits, without a temporary, answer exactly.
+_NONFINITE = {"float16": (np.int16, np.uint16, 0x7C00), "bfloat16": (np.int16, np.uint16, 0x7F80), "fp8": (np.int8, np.uint8, 0x7F)}
 
 
 def all_finite(stored: np.ndarray, dtype: str) -> bool:
     """No NaN or infinity in a stored array: the same answer as ``np.isfinite(x).all()`` on its
-    values, read from the bits (a tenth of np.isfinite's time on float16). int8 is always finite."""
+    values, read from the bits (a fraction of np.isfinite's time on float16). int8 is always finite."""
     if dtype not in _NONFINITE:
         return dtype in SCALED or bool(np.isfinite(stored).all())
-    view, mask, limit = _NONFINITE[dtype]
-    flat = stored.reshape(-1).view(view)
-    tmp = np.empty(min(_BLOCK, flat.size), view)
-    for start in range(0, flat.size, _BLOCK):
-        part = flat[start : start + _BLOCK]
-        block = tmp[: part.size]
-        np.bitwise_and(part, mask, out=block)
-        if block.max() >= limit:
-            return False
-    return True
+    if stored.size == 0:
+        return True
+    signed, unsigned, limit = _NONFINITE[dtype]
+    sign = 1 << (8 * np.dtype(signed).itemsize - 1)
+    return bool(stored.view(signed).max() < limit) and bool(stored.view(unsigned).max() < (sign | limit))
 
 
 def copy_finite(dst: np.ndarray, src: np.ndarray, dtype: str) -> bool:
     """Copy ``src`` into ``dst`` (same shape, writable) and say whether it holds only finite
-    values. The check reads ``dst`` while it is in the cache: for float16 and bfloat16 first
-    a sum (NaN and infinity always reach it), and only when that sum is not finite (a
-    non-finite value, or a sum past the dtype's range) the exact test on the bits."""
+    values, checked on ``dst`` while it is in the cache."""
     np.copyto(dst, src)
-    if dtype in ("float16", "bfloat16"):
-        import torch
-
-        values = torch.from_numpy(dst) if dtype == "float16" else torch.from_numpy(dst.view(np.int16)).view(torch.bfloat16)
-        if values.numel() == 0 or bool(torch.isfinite(values.sum())):
-            return True
     return all_finite(dst, dtype)

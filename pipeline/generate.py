@@ -55,6 +55,7 @@ from iosd.pipeline.text import (
 from iosd.pipeline.tiny import TINY_RESOLUTION
 from iosd.pipeline.writer import ShardSetWriter
 from iosd.progress import stage_progress
+from iosd.quantize import check_feature_dtype, quantize_tensor
 from iosd.recipes import CPU_STAND_INS, HALVES, SCHEDULERS, Resolved, default_recipe, resolve
 from iosd.schema import KEPT, PAIR_GROUPS, Sample, encode_sample, sample_key
 
@@ -179,6 +180,7 @@ class GenConfig:
             c.feature_t = IMAGE_SOURCE_T
         if c.feature_t is not None and not 0 <= c.feature_t < 1000:
             raise UserError(f"--feature-t {c.feature_t} is outside 0..999", "pass a timestep in 0..999")
+        check_feature_dtype(c.feature_dtype)
         for name in ("min_score", "score_thr", "mask_thr"):
             if not 0 <= getattr(c, name) <= 1:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(c, name)} is outside 0..1", "pass a teacher confidence, e.g. 0.8")
@@ -483,11 +485,16 @@ class Generator:
             torch.cuda.synchronize(self.loaded.device)
         self.times.add("diffusion", time.perf_counter() - t0)
         t0 = time.perf_counter()
-        # Features leave the device in their stored dtype where no host step needs float32
-        # (float16 without --project): half the bytes over PCIe and in host memory, and the same
-        # round-to-nearest-even cast numpy would make, so the shards are byte-identical.
-        host = torch.float16 if self.cfg.feature_dtype == "float16" and not self.cfg.project else torch.float32
-        out.features = {p: t.to("cpu", host) for p, t in out.features.items()}
+        # Features leave the device in their stored dtype (quantised there by the rule
+        # encode_features runs on the CPU, so the shards are byte-identical): half of float32's
+        # bytes over PCIe and in host memory for float16, a quarter for int8 and fp8. Only a
+        # projection needs them raw on the host (float32).
+        if self.cfg.project:
+            out.features = {p: t.to("cpu", torch.float32) for p, t in out.features.items()}
+        else:
+            stored = {p: quantize_tensor(t, self.cfg.feature_dtype) for p, t in out.features.items()}
+            out.features = {p: q.to("cpu") for p, (q, _) in stored.items()}
+            out.scales = {p: s.to("cpu") for p, (_, s) in stored.items() if s is not None}
         self.times.add("capture", time.perf_counter() - t0)
         return out
 
@@ -552,7 +559,7 @@ class Generator:
                 if not any(r.decision == KEPT for r in records) and not self.cfg.keep_rejected:
                     stats["dropped_samples"] += 1
                     continue
-                feats = {p: t[b].numpy() for p, t in out.features.items()}
+                feats = out.sample_features(b, None if self.cfg.project else self.cfg.feature_dtype)
                 heat = heats[b] if heats is not None else None
                 futures.append(pool.submit(self._encode, cand, out.images[b], feats, records, kept, heat))
                 if progress is not None:

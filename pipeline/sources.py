@@ -6,12 +6,13 @@ re-noised to ``feature_t``. "Source" and "teacher" are the generator's two seams
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from iosd.errors import UserError
+from iosd.featstore import STORED_DTYPES, StoredFeatures
 from iosd.pipeline.capture import FeatureCapture
 from iosd.pipeline.models import LoadedModel, decode_images, encode_images
 
@@ -32,6 +33,15 @@ class Produced:
     images: np.ndarray
     features: dict[str, torch.Tensor]
     exact_masks: list[np.ndarray] | None = None
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)  # per-channel, once quantised (int8, fp8)
+
+    def sample_features(self, b: int, stored: str | None) -> dict[str, np.ndarray] | StoredFeatures:
+        """Image ``b``'s features: raw arrays (``stored`` None) or, once quantised to the
+        ``stored`` dtype, that stored form for ``encode_features``."""
+        if stored is None:
+            return {p: t[b].numpy() for p, t in self.features.items()}
+        arrays = {p: t[b].numpy().view(STORED_DTYPES[stored]) for p, t in self.features.items()}
+        return StoredFeatures(stored, arrays, {p: s[b].numpy() for p, s in self.scales.items()})
 
 
 def _noise(seeds: list[int], shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:

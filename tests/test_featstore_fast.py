@@ -29,7 +29,14 @@ from iosd.featstore import (
 )
 from iosd.layers import FEATURE_DTYPES, layer_key
 from iosd.manifest import write_json_atomic
-from iosd.schema import EXT_FEAT, MANIFEST_NAME, ClassRecord, Sample, encode_sample
+from iosd.schema import (
+    EXT_FEAT,
+    MANIFEST_NAME,
+    ClassRecord,
+    Sample,
+    encode_sample,
+    iter_tar_samples,
+)
 from iosd.train.cli import main as train_main
 from iosd.train.data import (
     DecodeSpec,
@@ -159,11 +166,60 @@ def test_round_trip_error_bounds_of_int8_and_fp8():
     assert rel[np.abs(x) >= scale * 2.0**-6].max() <= 2.0**-4 + 1e-6
 
 
+@pytest.mark.parametrize("dtype", FEATURE_DTYPES)
+def test_a_batch_quantised_on_the_device_encodes_to_the_same_bytes_per_sample(dtype):
+    """iosd-gen quantises a batch where the UNet ran (float16 there) and encodes each sample's
+    stored arrays: each sample keeps its own per-channel scales (never the batch's), and the
+    bytes equal encoding that sample's float32 values directly."""
+    from iosd.featstore import STORED_DTYPES, StoredFeatures
+    from iosd.quantize import quantize_tensor
+
+    samples = [layers(seed) for seed in range(3)]
+    samples[1] = {p: a * 1000 for p, a in samples[1].items()}  # another scale per sample
+    for a in samples[2].values():
+        a.reshape(-1)[:1] = -0.0
+    for device_dtype in (torch.float32, torch.float16):
+        batch = {p: torch.stack([torch.from_numpy(s[p]) for s in samples]).to(device_dtype) for p in samples[0]}
+        stored = {p: quantize_tensor(t, dtype) for p, t in batch.items()}
+        for b, sample in enumerate(samples):
+            arrays = {p: q[b].numpy().view(STORED_DTYPES[dtype]) for p, (q, _) in stored.items()}
+            scales = {p: s[b].numpy() for p, (_, s) in stored.items() if s is not None}
+            direct = {p: batch[p][b].float().numpy() for p in sample}  # the values the device held
+            assert encode_features(StoredFeatures(dtype, arrays, scales)) == encode_features(direct, dtype)
+
+
+def test_int8_and_fp8_follow_the_documented_rule():
+    """An independent NumPy statement of the rule (scale = amax / top per channel, 1 for an
+    all-zero channel; int8 rounds half to even and clips to +-127; fp8 = e4m3fn of x / scale)."""
+    x = layers(5)["up_blocks.0.attentions.2"]
+    amax = np.abs(x).reshape(len(x), -1).max(axis=1)
+    for dtype, top in (("int8", 127.0), ("fp8", 448.0)):
+        scale = np.where(amax == 0, 1.0, amax / np.float32(top)).astype(np.float32)
+        group = open_feature_group(encode_features({"l": x}, dtype))
+        assert np.array_equal(group[f"{layer_key('l')}__scale"][...], scale)
+        q = group[layer_key("l")][...]
+        y = x / scale[:, None, None]
+        if dtype == "int8":
+            assert np.array_equal(q, np.clip(np.rint(y), -127, 127).astype(np.int8))
+        else:  # e4m3 rounds to a nearest representable value, with y's sign
+            finite = E4M3_TABLE[:127]  # 0 ... 448, the non-negative finite values
+            best = np.abs(finite[None, :] - np.abs(y).reshape(-1, 1)).min(axis=1).reshape(y.shape)
+            assert np.array_equal(np.abs(E4M3_TABLE[q] - y), best)
+            assert (np.sign(E4M3_TABLE[q]) * np.sign(y) >= 0).all()
+
+
 def test_fp8_without_torch_float8_is_one_clear_error(monkeypatch):
+    # imported while float8 is present (diffusers needs it)
+    from iosd.pipeline.generate import GenConfig
+
     monkeypatch.delattr(torch, "float8_e4m3fn")
     with pytest.raises(UserError, match="fp8 needs float8 support") as err:
         encode_features(layers(), "fp8")
     assert "--feature-dtype int8" in err.value.fix
+    # iosd-gen says so before it loads a model (fp8 is every recipe's default)
+    with pytest.raises(UserError, match="fp8 needs float8 support"):
+        GenConfig(classes="shapes", source="shapes", model="tiny").resolved()
+    GenConfig(classes="shapes", source="shapes", model="tiny", feature_dtype="int8").resolved()
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "fp8"])
@@ -368,6 +424,7 @@ def test_every_feature_batch_lives_in_the_arena_of_workers_plus_one_slots(shapes
 
     shard_set = resolve_shards(str(shapes_set))
     reference = features_by_key(shapes_set)
+    embeddings = {s.key: s.embeddings for path in sorted(shapes_set.glob("shard-*.tar")) for s in iter_tar_samples(str(path))}
     spec = DecodeSpec.for_shards(shard_set, subsets=None, mask_size=16)
     for workers in (0, 2):
         loader = TrainLoader(TrainStream(shard_set, spec, 2), workers)
@@ -376,6 +433,11 @@ def test_every_feature_batch_lives_in_the_arena_of_workers_plus_one_slots(shapes
             for _ in range(12):
                 batch = loader.next(lambda message: None)
                 assert loader.slot is not None, "a batch fell back to a buffer outside the arena"
+                assert loader.in_use == [], "the batch's small parts came outside its arena slot"
+                for b, key in enumerate(batch["keys"]):  # small parts from the slot's tail: right values
+                    q = len(batch["names"][b])
+                    assert torch.equal(batch["queries"][b, :q], torch.from_numpy(embeddings[key])) and batch["query_mask"][b].sum() == q
+                    assert not batch["query_mask"][b, q:].any() and not batch["queries"][b, q:].any()
                 values = to_device_features(batch, "cpu")
                 for b, key in enumerate(batch["keys"]):
                     for path, x in values.items():
@@ -405,3 +467,29 @@ def test_pooled_worker_buffers_are_never_overwritten_while_a_batch_is_in_use(sha
     finally:
         loader.close()
     assert loader.board.is_shared() and int(loader.board.sum()) <= 2 * (2 + 3) * 2
+
+
+@pytest.mark.parametrize("dtype", FEATURE_DTYPES)
+def test_the_lean_member_table_is_zipfiles(dtype):
+    """The loader reads a feature member's zip directory in place; it agrees with zipfile entry
+    for entry, and any zip it does not read itself (a comment, zip64) goes to zipfile."""
+    from iosd.featstore import _central_directory, _Members
+
+    data = encode_features(layers(), dtype, "blosc-zstd" if dtype == "int8" else "none")
+    lean = _central_directory(memoryview(data))
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        assert lean is not None and list(lean) == zf.namelist()
+        for name, entry in lean.items():
+            info = zf.getinfo(name)
+            assert tuple(entry) == (info.header_offset, info.compress_size, info.compress_type, info.flag_bits)
+    others = []
+    for options in ({"comment": b"x"}, {"force_zip64": True}):
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            zf.comment = options.get("comment", b"")
+            with zf.open("a", "w", force_zip64=options.get("force_zip64", False)) as f:
+                f.write(b"123")
+        others.append(buf.getvalue())
+    assert _central_directory(memoryview(others[0])) is None
+    for other in others:  # whatever the lean table declines, zipfile still reads
+        assert bytes(_Members(other).get("a")) == b"123"

@@ -51,7 +51,7 @@ def test_shards_read_with_nothing_but_tarfile_json_numpy_pil_and_zarr(shapes_set
         """
         import sys, io, json, tarfile, tempfile, zipfile
         sys.modules["iosd"] = None
-        import numpy as np, zarr
+        import numpy as np, torch, zarr
         from PIL import Image
         from zarr.storage import ZipStore
         tar = tarfile.open(sys.argv[1])
@@ -70,7 +70,14 @@ def test_shards_read_with_nothing_but_tarfile_json_numpy_pil_and_zarr(shapes_set
                 arrays = {k: group[k][...] for k in group.array_keys()}
             kept = [c for c in meta["classes"] if c["decision"] == "kept"]
             assert img.shape == (128, 128, 3) and masks.shape[0] == len(kept) and emb.shape[0] == len(meta["classes"])
-            assert {a.dtype.name for a in arrays.values()} == {"float16"} and len(arrays) == 3
+            # fp8 by default: e4m3 bits and a float32 scale per channel (value = e4m3(bits) * scale)
+            scales = {k: a for k, a in arrays.items() if k.endswith("__scale")}
+            bits = {k: a for k, a in arrays.items() if k not in scales}
+            assert len(bits) == 3 and {a.dtype.name for a in bits.values()} == {"uint8"}
+            assert sorted(scales) == sorted(f"{k}__scale" for k in bits) and {a.dtype.name for a in scales.values()} == {"float32"}
+            for k, a in bits.items():
+                values = torch.from_numpy(a).view(torch.float8_e4m3fn).float().numpy() * scales[f"{k}__scale"][:, None, None]
+                assert np.isfinite(values).all() and np.abs(values).max() > 0
         print(len(groups))
         """
     )

@@ -24,9 +24,11 @@ from iosd.train.checkpoint import load_head
 from iosd.train.cli import main as train_main
 
 K = 8
-WORLD = dict(resolution=64, num_samples=8, shard_size=4, batch_size=4)  # compact preset: 64@4, 64@8, 32@16
+# compact preset: 64@4, 64@8, 32@16. float16, not the fp8 default: the checks below are of the
+# projection's arithmetic (fp8's own error bounds are tested in test_featstore_fast)
+WORLD = dict(resolution=64, num_samples=8, shard_size=4, batch_size=4, feature_dtype="float16")
 SMALL_HEAD = ["--head-option=d_model=32", "--head-option=heads=2", "--head-option=ffn=64", "--head-option=visual_channels=[8,8,8]"]
-GEN_ARGS = ["--model", "tiny", "--classes", "shapes", "--source", "shapes", "--resolution", "64", "--num-samples", "8", "--shard-size", "4", "--batch-size", "4", "--quiet"]
+GEN_ARGS = ["--model", "tiny", "--classes", "shapes", "--source", "shapes", "--resolution", "64", "--num-samples", "8", "--shard-size", "4", "--batch-size", "4", "--feature-dtype", "float16", "--quiet"]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import make_shapes_set
 
-from iosd.featstore import decode_features, encode_features
+from iosd.featstore import decode_features, encode_features, open_feature_group
 from iosd.manifest import write_json_atomic
 from iosd.schema import EXT_FEAT, MANIFEST_NAME
 from iosd.train.checkpoint import MODEL_NAME, load_head, read_checkpoint
@@ -146,7 +146,8 @@ def rewrite_features(tar_path, change) -> None:
     with tarfile.open(tar_path, "w") as tar:
         for info, data in members:
             if info.name.endswith("." + EXT_FEAT):
-                data = encode_features(change(decode_features(data)))
+                dtype = open_feature_group(data).attrs["iosd_features"]["dtype"]  # as the manifest states it
+                data = encode_features(change(decode_features(data)), dtype)
                 info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
 

@@ -21,7 +21,6 @@ dequantises on the device (``to_device_features``).
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import mmap
@@ -40,8 +39,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from iosd.errors import UserError
 from iosd.featstore import SCALED, FeatureLayoutError, all_finite, copy_finite, read_stored
-from iosd.schema import EXT_EMB, EXT_FEAT, EXT_MASKS, EXT_META, KEPT, REQUIRED_EXTS
+from iosd.npy import read_npy, read_npz
+from iosd.schema import EXT_EMB, EXT_FEAT, EXT_IMAGE, EXT_MASKS, EXT_META, KEPT, REQUIRED_EXTS
 from iosd.train.shards import ShardSet, is_url, open_stream
+from iosd.train.tarscan import members as tar_members
 
 ON_CORRUPT = ("warn", "fail")
 
@@ -85,8 +86,8 @@ class DecodeSpec:
 def shard_samples(url: str, expected: int | None = None) -> Iterator[dict]:
     """Raw samples (ext -> bytes) of one tar; a read problem raises ShardError naming it.
 
-    A local tar is mapped into memory and its feature members come back as views of the
-    mapping (``memoryview``, no copy); other members, and tars read by URL, as bytes."""
+    A local tar is mapped into memory and its feature and image members come back as views
+    of the mapping (``memoryview``, no copy); other members, and tars read by URL, as bytes."""
     local = _local_path(url)
     samples = _mapped_samples(url, local) if local is not None else _streamed_samples(url)
     count = 0
@@ -148,32 +149,36 @@ def _mapped_samples(url: str, path: str) -> Iterator[dict]:
             size = os.fstat(f.fileno()).st_size
             mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
             view = memoryview(mapping) if mapping is not None else memoryview(b"")
-            with tarfile.open(fileobj=f, mode="r:") as tar:
-                for info in tar:
-                    if not info.isfile():
-                        continue
-                    end = info.offset_data + info.size
-                    if end > size:
-                        raise tarfile.ReadError(f"member {info.name} runs past the end of the file (truncated)")
-                    prefix, suffix = wds.tariterators.base_plus_ext(info.name)
-                    if prefix is None:
-                        continue
-                    suffix = suffix.lower()
-                    if current is None or prefix != current["__key__"]:
-                        if current is not None:
-                            yield current
-                            _drop_pages(mapping, *span)
-                        current, span = {"__key__": prefix, "__url__": url}, [info.offset, end]
-                    if suffix in current:
-                        raise tarfile.ReadError(f"duplicate file name {info.name}")
-                    data = view[info.offset_data : end]
-                    current[suffix] = data if suffix == EXT_FEAT else bytes(data)
-                    span[1] = end
+            if not size:
+                raise tarfile.ReadError("empty file")
+            for info in tar_members(view, f):
+                if not info.isfile:
+                    continue
+                end = info.offset_data + info.size
+                if end > size:
+                    raise tarfile.ReadError(f"member {info.name} runs past the end of the file (truncated)")
+                prefix, suffix = wds.tariterators.base_plus_ext(info.name)
+                if prefix is None:
+                    continue
+                suffix = suffix.lower()
+                if current is None or prefix != current["__key__"]:
+                    if current is not None:
+                        yield current
+                        _drop_pages(mapping, *span)
+                    current, span = {"__key__": prefix, "__url__": url}, [info.offset, end]
+                if suffix in current:
+                    raise tarfile.ReadError(f"duplicate file name {info.name}")
+                data = view[info.offset_data : end]
+                current[suffix] = data if suffix in _VIEWED else bytes(data)
+                span[1] = end
         except (tarfile.TarError, OSError, ValueError, EOFError) as err:
             raise ShardError(f"{url}: {type(err).__name__}: {err}") from None
     if current is not None:
         yield current
         _drop_pages(mapping, *span)
+
+
+_VIEWED = (EXT_FEAT, EXT_IMAGE)  # the large members stay views of the mapping (training never decodes the image)
 
 
 def _drop_pages(mapping: mmap.mmap | None, start: int, end: int) -> None:
@@ -219,9 +224,8 @@ def decode_item(raw: dict, spec: DecodeSpec, check_finite: bool = True) -> dict 
         if scale is not None and not np.isfinite(scale).all():
             raise SampleError(f"sample {key}: layer {path} has NaN or infinite scales")
     try:
-        embeddings = np.load(io.BytesIO(raw[EXT_EMB]), allow_pickle=False)
-        with np.load(io.BytesIO(raw[EXT_MASKS]), allow_pickle=False) as z:
-            all_masks = z["masks"]
+        embeddings = read_npy(raw[EXT_EMB])
+        all_masks = read_npz(raw[EXT_MASKS], "masks")
         masks = all_masks[[classes[i]["mask_index"] for i in rows]]
         embeddings = embeddings[rows]
     except Exception as err:
@@ -326,6 +330,18 @@ def feature_shapes(layers, dtype: str, batch_size: int) -> dict:
     return shapes
 
 
+TAIL_QUERIES = 4  # classes per sample the arena's tail room holds; batches with more use the pool
+
+
+def tail_room(stream: TrainStream) -> int:
+    """Bytes of a batch's small parts at up to TAIL_QUERIES classes per sample: queries, their
+    mask and the targets (uint8 at the image's own size, float32 area fractions otherwise)."""
+    spec, per_query = stream.spec, 4 * stream.spec.embedding_dim + 1
+    if spec.mask_size is not None:
+        per_query += spec.mask_size**2 * (1 if stream.image_side == spec.mask_size else 4)
+    return stream.batch_size * TAIL_QUERIES * per_query + 4 * _ALIGN
+
+
 class BatchArena:
     """Every feature batch of a training run lives in one of (workers + 1) slots of a single
     shared-memory buffer, made by the main process before its workers start: a worker claims
@@ -334,14 +350,20 @@ class BatchArena:
     passes, no page is mapped again) and frees the slot when it asks for the next batch.
     With one batch in flight per worker that bounds the loader's memory by construction:
     workers + 1 slots are ever in use, so resident memory stays within (workers + 2) x batch
-    bytes (the last one for the sample each worker is decoding and the small parts). On CUDA
+    bytes (the last one for the sample each worker is decoding). A slot also has room for
+    its batch's small parts (queries, targets), so a batch crosses processes as a slot number
+    alone (no shared-memory handle to pass, which cost 5-8 ms a batch). On CUDA
     the buffer is page-locked once (``cudaHostRegister``), so batches come back pinned
     without a copy; a slot is then freed only after its copy to the device finished."""
 
-    def __init__(self, slots: int, slot_bytes: int, shared: bool) -> None:
+    def __init__(self, slots: int, slot_bytes: int, shared: bool, tail_bytes: int = 0) -> None:
         import multiprocessing
 
-        self.slots, self.slot_bytes = slots, -(-slot_bytes // _ALIGN) * _ALIGN
+        # each slot: the feature batch, then room for its small parts (queries, targets): pages
+        # never written are never resident, so unused room costs address space, not memory
+        # (once page-locked on CUDA it is resident: 3-7% of a slot for the recipes)
+        self.tail_offset = -(-slot_bytes // _ALIGN) * _ALIGN
+        self.slots, self.slot_bytes = slots, self.tail_offset + -(-tail_bytes // _ALIGN) * _ALIGN
         nbytes = max(1, slots * self.slot_bytes)
         self.storage = torch.UntypedStorage._new_shared(nbytes) if shared else torch.UntypedStorage(nbytes)
         self.board = torch.zeros(slots, dtype=torch.int8)
@@ -366,6 +388,13 @@ class BatchArena:
     def views(self, slot: int, plan: list[tuple]) -> dict:
         return _views(self.storage, plan, slot * self.slot_bytes)
 
+    def tail_plan(self, shapes: dict) -> list[tuple] | None:
+        """The plan of a batch's small parts in a slot's tail room, or None when they do not fit."""
+        plan, size = _plan(shapes)
+        if self.tail_offset + size > self.slot_bytes:
+            return None
+        return [(name, shape, dtype, self.tail_offset + start) for name, shape, dtype, start in plan]
+
     def pin(self) -> bool:
         """Page-lock the buffer for CUDA copies; False where that is not possible."""
         try:
@@ -373,6 +402,11 @@ class BatchArena:
         except Exception:  # no CUDA runtime, or a build without it
             return False
         return int(err) == 0
+
+
+def _received(plan: list) -> list[tuple]:
+    """A plan as it crossed processes (the DataLoader hands tuples over as lists), as _plan made it."""
+    return [(tuple(name) if isinstance(name, list) else name, tuple(shape), np.dtype(dtype), int(offset)) for name, shape, dtype, offset in plan]
 
 
 class _NoLock:
@@ -449,7 +483,11 @@ class BatchBuilder:
                 if any(tuple(it[name].shape[1:]) != shape for it in items):
                     raise UserError(f"samples {first['key']} and others have {name} of different sizes", "use one image size per shard set")
                 tail[name] = ((n, width, *shape), torch.empty(0, dtype=first[name].dtype).numpy().dtype)
-        small, tail_buffer = _pooled(tail, self.pool)
+        tail_plan = self.arena.tail_plan(tail) if slot is not None else None
+        if tail_plan is not None:  # in the features' slot: the batch crosses processes as a slot number
+            small, tail_buffer = self.arena.views(slot[0], tail_plan), None
+        else:
+            small, tail_buffer = _pooled(tail, self.pool)
         for tensor in small.values():
             tensor.zero_()
         batch = {
@@ -470,7 +508,10 @@ class BatchBuilder:
                 if name in it:
                     batch[name][b, :q] = it[name]
         if slot is not None:  # the features travel as their arena slot: the receiver has the memory
-            batch.update(features={}, scales={}, arena=(slot[0], slot[1], n))
+            batch.update(features={}, scales={}, arena=(slot[0], slot[1], n, tail_plan))
+            if tail_plan is not None:
+                for name in tail:
+                    del batch[name]
         return batch
 
 
@@ -487,11 +528,13 @@ def dequantize_tensor(x: torch.Tensor, dtype: str, scale: torch.Tensor | None = 
     """float32 values of a batch of stored features (B, C, ...), on whatever device ``x`` is:
     the same numbers as ``iosd.featstore.dequantize``."""
     if dtype == "fp8":
-        if hasattr(torch, "float8_e4m3fn"):
+        from iosd.featstore import E4M3_TABLE
+
+        if x.device.type == "cpu":  # a table lookup: 3x torch's float8 cast on the CPU (measured)
+            x = torch.from_numpy(np.take(E4M3_TABLE, x.view(torch.uint8).numpy()))
+        elif hasattr(torch, "float8_e4m3fn"):
             x = x.view(torch.float8_e4m3fn).float()
         else:
-            from iosd.featstore import E4M3_TABLE
-
             x = torch.from_numpy(E4M3_TABLE).to(x.device)[x.long()]
     elif dtype == "bfloat16" and x.dtype != torch.bfloat16:
         x = x.view(torch.bfloat16).float()
@@ -532,6 +575,7 @@ class _Reader:
         self.expected = _expected_counts(shard_set)
         self.spec, self.batch_size, self.on_corrupt = spec, batch_size, on_corrupt
         self.rank, self.world = rank, world
+        self.image_side = ((shard_set.manifest or {}).get("image_size") or [None])[0]
 
     def _problem(self, message: str) -> dict | None:
         """A note for the trainer to print (warn), or an error batch that stops training (fail)."""
@@ -701,7 +745,7 @@ class TrainLoader:
         self.arena = None
         if stream.spec.dtype is not None:  # the layout is known: every feature batch has one size
             _, size = _plan(feature_shapes(stream.spec.layers, stream.spec.dtype, stream.batch_size))
-            self.arena = BatchArena(self.workers * prefetch + 1, size, shared=self.workers > 0)
+            self.arena = BatchArena(self.workers * prefetch + 1, size, shared=self.workers > 0, tail_bytes=tail_room(stream))
         stream.arena = self.arena
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.registered = self.pin_memory and self.arena is not None and self.arena.pin()
@@ -735,11 +779,12 @@ class TrainLoader:
         self.consumed += 1
         return batch
 
-    def _from_arena(self, batch: dict, slot: int, plan: list[tuple], n: int) -> None:
-        """The batch's features as views of this process's mapping of its arena slot."""
-        # the DataLoader hands tuples over as lists: the plan's names and shapes come back as tuples
-        plan = [(tuple(name), tuple(shape), np.dtype(dtype), int(offset)) for name, shape, dtype, offset in plan]
-        views = self.arena.views(int(slot), plan)
+    def _from_arena(self, batch: dict, slot: int, plan: list[tuple], n: int, tail_plan: list[tuple] | None) -> None:
+        """The batch's features (and small parts, when they came in the slot) as views of this
+        process's mapping of its arena slot."""
+        if tail_plan is not None:
+            batch.update(self.arena.views(int(slot), _received(tail_plan)))
+        views = self.arena.views(int(slot), _received(plan))
         features = {path: t[:n] for (group, path), t in views.items() if group == "features"}
         if batch["feature_dtype"] == "bfloat16":
             features = {path: t.view(torch.bfloat16) for path, t in features.items()}
@@ -749,6 +794,8 @@ class TrainLoader:
         if self.pin_memory and not self.registered:  # pinned the slow way: a copy, then the slot is free
             batch["features"] = {p: t.pin_memory() for p, t in batch["features"].items()}
             batch["scales"] = {p: t.pin_memory() for p, t in batch["scales"].items()}
+            for name, _, _, _ in tail_plan or ():  # the small parts lived in the slot too
+                batch[name] = batch[name].pin_memory()
             self._free_slot()
 
     def copied(self) -> None:
