@@ -152,7 +152,6 @@ def encode_rates(recipe: str, samples: int, threads: int, codec: str, feature_dt
     from iosd.pipeline.shapes import render_scene
     from iosd.pipeline.sources import Produced
     from iosd.pipeline.writer import ShardSetWriter
-    from iosd.quantize import quantize_tensor
     from iosd.recipes import get_recipe
 
     shapes = recipe_shapes(recipe)
@@ -166,10 +165,9 @@ def encode_rates(recipe: str, samples: int, threads: int, codec: str, feature_dt
         gen.projection = None
         subsets = {**dict.fromkeys(gen.split.seen, "seen"), **dict.fromkeys(gen.split.unseen, "unseen")}
         # as iosd-gen hands them over: quantised to the stored dtype where the UNet ran (float16
-        # there), per sample through Produced.sample_features; on a GPU box that is the device's work
-        raw = {p: torch.from_numpy(rng.standard_normal((2, *s), dtype=np.float32)).half() for p, s in shapes.items()}
-        stored = {p: quantize_tensor(t, c.feature_dtype) for p, t in raw.items()}
-        produced = Produced(images=np.zeros(0), features={p: q for p, (q, _) in stored.items()}, scales={p: sc for p, (_, sc) in stored.items() if sc is not None})
+        # there, Produced.store), per sample through Produced.sample_features; on a GPU box that is the device's work
+        produced = Produced(images=np.zeros(0), features={p: torch.from_numpy(rng.standard_normal((2, *s), dtype=np.float32)).half() for p, s in shapes.items()})
+        produced.store(c.feature_dtype)
         features = [produced.sample_features(b, c.feature_dtype) for b in range(2)]
         jobs = []
         for a in range(samples):

@@ -55,7 +55,7 @@ from iosd.pipeline.text import (
 from iosd.pipeline.tiny import TINY_RESOLUTION
 from iosd.pipeline.writer import ShardSetWriter
 from iosd.progress import stage_progress
-from iosd.quantize import check_feature_dtype, quantize_tensor
+from iosd.quantize import check_feature_dtype
 from iosd.recipes import CPU_STAND_INS, HALVES, SCHEDULERS, Resolved, default_recipe, resolve
 from iosd.schema import KEPT, PAIR_GROUPS, Sample, encode_sample, sample_key
 
@@ -492,9 +492,7 @@ class Generator:
         if self.cfg.project:
             out.features = {p: t.to("cpu", torch.float32) for p, t in out.features.items()}
         else:
-            stored = {p: quantize_tensor(t, self.cfg.feature_dtype) for p, t in out.features.items()}
-            out.features = {p: q.to("cpu") for p, (q, _) in stored.items()}
-            out.scales = {p: s.to("cpu") for p, (_, s) in stored.items() if s is not None}
+            out.store(self.cfg.feature_dtype)
         self.times.add("capture", time.perf_counter() - t0)
         return out
 

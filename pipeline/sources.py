@@ -15,6 +15,7 @@ from iosd.errors import UserError
 from iosd.featstore import STORED_DTYPES, StoredFeatures
 from iosd.pipeline.capture import FeatureCapture
 from iosd.pipeline.models import LoadedModel, decode_images, encode_images
+from iosd.quantize import quantize_tensor
 
 SOURCES = ("diffusion", "shapes", "coco", "folder")
 LABELLED_SOURCES = ("coco", "folder")  # a user's own images, given as "<kind>:<path>"
@@ -34,6 +35,13 @@ class Produced:
     features: dict[str, torch.Tensor]
     exact_masks: list[np.ndarray] | None = None
     scales: dict[str, torch.Tensor] = field(default_factory=dict)  # per-channel, once quantised (int8, fp8)
+
+    def store(self, dtype: str) -> None:
+        """Quantise the features to ``dtype`` where they are (the device), then move that
+        stored form and its scales to the host."""
+        stored = {p: quantize_tensor(t, dtype) for p, t in self.features.items()}
+        self.features = {p: q.to("cpu") for p, (q, _) in stored.items()}
+        self.scales = {p: s.to("cpu") for p, (_, s) in stored.items() if s is not None}
 
     def sample_features(self, b: int, stored: str | None) -> dict[str, np.ndarray] | StoredFeatures:
         """Image ``b``'s features: raw arrays (``stored`` None) or, once quantised to the
