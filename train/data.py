@@ -147,10 +147,10 @@ def _mapped_samples(url: str, path: str) -> Iterator[dict]:
     with f:
         try:
             size = os.fstat(f.fileno()).st_size
-            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-            view = memoryview(mapping) if mapping is not None else memoryview(b"")
             if not size:
                 raise tarfile.ReadError("empty file")
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            view = memoryview(mapping)
             for info in tar_members(view, f):
                 if not info.isfile:
                     continue
