@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -22,20 +25,79 @@ class UserError(Exception):
         return f"{self.problem} ({self.fix})" if self.fix else self.problem
 
 
-def user_errors(func: F) -> F:
-    """Decorate a click command so UserError (and Ctrl-C) end with one line, not a traceback."""
+RESUME = "then rerun the same command to resume"
+_DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+_NOT_WRITABLE = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted", errno.EROFS: "read-only file system"}
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+?)\.(?:tmp-\d+(?:\.\w+)?|old-\d+|\w{8}\.tmp)$")
+_OS_CODE = re.compile(r"\bcode: (\d+)")
+
+
+def os_errno(err: BaseException) -> int | None:
+    """The errno behind an OSError, or behind a library error that only quotes it in its message
+    (safetensors' ``SafetensorError``: "IoError(Os { code: 28, ... })")."""
+    if isinstance(err, OSError):
+        return err.errno
+    found = _OS_CODE.search(str(err))
+    if found:
+        return int(found.group(1))
+    return errno.ENOSPC if "No space left on device" in str(err) else None
+
+
+def name_path(err: BaseException, path: str | os.PathLike) -> None:
+    """Give an OSError from a write on an open file (which names no file) the path written."""
+    if isinstance(err, OSError) and not err.filename:
+        err.filename = os.fspath(path)
+
+
+def shown_path(filename: object) -> str | None:
+    """The path a user knows: temp names (``.shard-000003.tar.tmp-123``) as the file they become."""
+    if not filename:
+        return None
+    parts = os.fsdecode(os.fspath(filename)).split(os.sep) if isinstance(filename, (str, bytes, os.PathLike)) else [str(filename)]
+    return os.sep.join(m.group("name") if (m := _TEMP_NAME.match(part)) else part for part in parts)
+
+
+def storage_error(err: BaseException, rerun: str = RESUME) -> UserError | None:
+    """The one-line UserError for a full disk or an unwritable output, None for other errors."""
+    code = os_errno(err) if isinstance(err, OSError) or type(err).__name__ == "SafetensorError" else None
+    path = shown_path(getattr(err, "filename", None))
+    if code in _DISK_FULL:
+        where = f" writing {path}" if path else ""
+        return UserError(f"{_DISK_FULL[code]}{where}", f"free space or pass --out elsewhere, {rerun}")
+    if code in _NOT_WRITABLE:
+        where = f" on {path}" if path else ""
+        return UserError(f"{_NOT_WRITABLE[code]}{where}", f"make it writable or pass --out elsewhere, {rerun}")
+    return None
+
+
+def _exit_with(err: UserError) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {escape(err.line())}", markup=True)
+    sys.exit(2)
+
+
+def user_errors(func: F | None = None, *, rerun: str = RESUME) -> Any:
+    """Decorate a click command so UserError, a full disk or an unwritable output (and Ctrl-C)
+    end with one line, not a traceback. ``rerun``: how to pick up again after the disk fault
+    (``@user_errors(rerun=...)``; bare ``@user_errors`` says rerun the same command)."""
+    if func is None:
+        return functools.partial(user_errors, rerun=rerun)
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except UserError as err:
-            from rich.console import Console
-
-            Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {err.line()}", markup=True)
-            sys.exit(2)
+            _exit_with(err)
         except KeyboardInterrupt:
             print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
             sys.exit(130)
+        except Exception as err:
+            line = storage_error(err, rerun)
+            if line is None:
+                raise
+            _exit_with(line)
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper

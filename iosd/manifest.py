@@ -7,10 +7,11 @@ import json
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from iosd.errors import UserError
+from iosd.errors import UserError, name_path
 from iosd.schema import MANIFEST_NAME, SCHEMA_VERSION
 
 _UMASK_LOCK = threading.Lock()
@@ -67,8 +68,9 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        name_path(err, path)
         raise
 
 
@@ -91,13 +93,122 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+# -- field checks: the shape a reader relies on, said as one line naming file and field ---------
+_MISSING = object()
+Expect = tuple[str, Callable[[Any], bool]]  # what a field must be (said in the error) and the test
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _ints(value: Any, n: int | None = None) -> bool:
+    return isinstance(value, list) and (n is None or len(value) == n) and all(_is_int(v) and v > 0 for v in value)
+
+
+INT: Expect = ("an integer", _is_int)
+COUNT: Expect = ("an integer >= 0", lambda v: _is_int(v) and v >= 0)
+POSITIVE: Expect = ("an integer > 0", lambda v: _is_int(v) and v > 0)
+TEXT: Expect = ("a string", lambda v: isinstance(v, str))
+FLAG: Expect = ("true or false", lambda v: isinstance(v, bool))
+OBJECT: Expect = ("an object", lambda v: isinstance(v, dict))
+LIST: Expect = ("a list", lambda v: isinstance(v, list))
+ITEMS: Expect = ("a non-empty list", lambda v: isinstance(v, list) and len(v) > 0)
+TEXTS: Expect = ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v))
+SIZES: Expect = ("a list of integers > 0", _ints)
+SHAPE: Expect = ("a list of 3 integers > 0 (C, H, W)", lambda v: _ints(v, 3))
+IMAGE_SIZE: Expect = ("a list of 2 integers > 0", lambda v: _ints(v, 2))
+
+
+def one_of(options: tuple[str, ...] | list[str]) -> Expect:
+    """A string from ``options`` (an enum field)."""
+    return (f"one of {', '.join(options)}", lambda v: isinstance(v, str) and v in options)
+
+
+def _lookup(data: Any, path: str):
+    """(dotted name, value or _MISSING) of every field ``path`` names; ``a[].b`` walks a list.
+    Fields under an absent or mistyped parent are skipped: the parent's own check says so."""
+    found = [("", data)]
+    for part in path.split("."):
+        key, each = part.removesuffix("[]"), part.endswith("[]")
+        step = []
+        for prefix, obj in found:
+            if not isinstance(obj, dict):
+                continue
+            name, value = f"{prefix}{key}", obj.get(key, _MISSING)
+            if each:
+                step += [(f"{name}[{i}]", item) for i, item in enumerate(value)] if isinstance(value, list) else []
+            else:
+                step.append((name, value))
+        found = [(f"{name}.", value) for name, value in step]
+    return [(name[:-1], value) for name, value in found]
+
+
+def _show(value: Any) -> str:
+    text = "null" if value is None else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+REQUIRED, OPTIONAL, NULLABLE = "required", "optional", "nullable"  # a field's presence rule
+Fields = tuple[tuple[str, Expect, str], ...]  # (dotted path, expectation, presence rule)
+
+
+def check_fields(data: dict, fields: Fields, where: str, fix: str) -> None:
+    """Refuse ``data`` at its first field that is missing (when REQUIRED), null (unless
+    NULLABLE) or of another type or value than ``fields`` say: one line, not a KeyError later."""
+    for path, (what, test), need in fields:
+        for name, value in _lookup(data, path):
+            if value is _MISSING:
+                if need == REQUIRED:
+                    raise UserError(f"{where}: {name} is missing", fix)
+            elif not (value is None and need == NULLABLE) and not test(value):
+                raise UserError(f"{where}: {name} is {_show(value)}, not {what}", fix)
+
+
+def manifest_fields() -> Fields:
+    """What the readers of dataset.json (iosd-train, -eval, -synth, -shards) rely on."""
+    from iosd.choices import CODEC_NAMES, HIDDEN_STATES, POOLINGS
+    from iosd.layers import FEATURE_DTYPES
+    from iosd.recipes import HALVES, recipe_names
+
+    return (
+        ("features", OBJECT, REQUIRED), ("features.layers", ITEMS, REQUIRED), ("features.layers[]", OBJECT, REQUIRED),
+        ("features.layers[].path", TEXT, REQUIRED), ("features.layers[].shape", SHAPE, REQUIRED), ("features.layers[].key", TEXT, OPTIONAL),
+        ("features.dtype", one_of(FEATURE_DTYPES), OPTIONAL), ("features.codec", one_of(CODEC_NAMES), OPTIONAL),
+        ("features.halves", one_of(HALVES), OPTIONAL), ("features.preset", TEXT, OPTIONAL),
+        ("features.capture", OBJECT, OPTIONAL), ("features.capture.mode", TEXT, OPTIONAL), ("features.capture.t", INT, NULLABLE),
+        ("features.projection", OBJECT, NULLABLE), ("features.projection.file", TEXT, REQUIRED),
+        ("features.projection.k", POSITIVE, REQUIRED), ("features.projection.sha256", TEXT, REQUIRED),
+        ("features.raw_bytes_per_sample", COUNT, OPTIONAL), ("features.stored_bytes_per_sample", COUNT, OPTIONAL),
+        ("embedding", OBJECT, REQUIRED), ("embedding.dim", POSITIVE, REQUIRED), ("embedding.dims", SIZES, OPTIONAL),
+        ("embedding.template", TEXT, OPTIONAL), ("embedding.pooling", one_of(POOLINGS), OPTIONAL),
+        ("embedding.hidden", one_of(HIDDEN_STATES), OPTIONAL), ("embedding.encoders", TEXTS, OPTIONAL),
+        ("shards", LIST, REQUIRED), ("shards[]", OBJECT, REQUIRED), ("shards[].name", TEXT, REQUIRED),
+        ("shards[].samples", COUNT, OPTIONAL), ("shards[].bytes", COUNT, OPTIONAL), ("shards[].sha256", TEXT, OPTIONAL),
+        ("complete", FLAG, OPTIONAL), ("planned_shards", COUNT, OPTIONAL), ("masks_meaningful", FLAG, OPTIONAL),
+        ("classes", OBJECT, OPTIONAL), ("classes.name", TEXT, REQUIRED), ("classes.split", INT, REQUIRED),
+        ("classes.seen", TEXTS, REQUIRED), ("classes.unseen", TEXTS, REQUIRED),
+        ("subset", one_of(("seen", "unseen", "all")), NULLABLE), ("image_size", IMAGE_SIZE, OPTIONAL),
+        ("recipe", OBJECT, NULLABLE), ("recipe.name", one_of(recipe_names()), OPTIONAL), ("recipe.settings", OBJECT, OPTIONAL),
+        ("config", OBJECT, OPTIONAL), ("config.source", TEXT, NULLABLE), ("config.objects", TEXT, NULLABLE),
+        ("config.images_per_class", COUNT, NULLABLE), ("config.out", TEXT, OPTIONAL),
+        ("counts", OBJECT, OPTIONAL), ("counts.written", COUNT, OPTIONAL), ("counts.per_class", OBJECT, OPTIONAL),
+        ("model", OBJECT, NULLABLE), ("teacher", OBJECT, NULLABLE), ("notes", TEXTS, OPTIONAL), ("identity", OBJECT, OPTIONAL),
+        ("iosd_version", TEXT, OPTIONAL), ("kind", TEXT, OPTIONAL),
+    )
+
+
 def check_schema(manifest: dict, where: str) -> dict:
-    """Refuse manifests this iosd cannot read."""
+    """Refuse manifests this iosd cannot read: another format, a newer schema, or a field a
+    reader relies on missing or of the wrong type (the one place dataset.json is checked)."""
+    if not isinstance(manifest, dict):
+        raise UserError(f"{where} is not an iosd manifest", "point at a directory written by iosd-gen")
     version = manifest.get("schema_version")
-    if not isinstance(version, int):
+    if not _is_int(version):
         raise UserError(f"{where} is not an iosd manifest (no schema_version)", "point at a directory written by iosd-gen")
     if version > SCHEMA_VERSION:
         raise UserError(f"{where} has shard schema {version}, newer than this iosd reads ({SCHEMA_VERSION})", "upgrade iosd: pip install -U iosd")
+    check_fields(manifest, manifest_fields(), where, "regenerate the set with iosd-gen or fix the field")
     return manifest
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from iosd.errors import UserError
+from iosd.errors import UserError, name_path
 from iosd.manifest import mkstemp_shared
 
 # Distinct, saturated colours (Tableau-like), cycled when there are more masks.
@@ -155,7 +155,8 @@ def save_png_atomic(img: Image.Image, path: str | Path) -> Path:
         with os.fdopen(fd, "wb") as f:
             img.save(f, format="PNG")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        name_path(err, path)
         raise
     return path

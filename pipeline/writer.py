@@ -22,7 +22,7 @@ from pathlib import Path
 import webdataset as wds
 
 from iosd import __version__
-from iosd.errors import UserError
+from iosd.errors import UserError, name_path
 from iosd.manifest import check_schema, write_json_atomic
 from iosd.projection import PROJECTION_NAME
 from iosd.schema import MANIFEST_NAME, SCHEMA_VERSION, SHARD_GLOB, shard_name
@@ -151,8 +151,9 @@ class ShardSetWriter:
                 os.fsync(f.fileno())
             record = {"name": name, "index": index, "samples": count, "bytes": tmp.stat().st_size, "sha256": hashed.digest.hexdigest(), "stats": stats}
             os.replace(tmp, final)
-        except BaseException:
+        except BaseException as err:
             tmp.unlink(missing_ok=True)
+            name_path(err, final)  # a full disk names the shard, not "[Errno 28]" alone
             raise
         write_json_atomic(self.parts / f"shard-{index:06d}.json", record)
         return record

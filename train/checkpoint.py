@@ -21,8 +21,25 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from iosd import __version__
-from iosd.errors import UserError
-from iosd.manifest import share_like_output, write_json_atomic
+from iosd.errors import UserError, os_errno
+from iosd.manifest import (
+    COUNT,
+    INT,
+    ITEMS,
+    NULLABLE,
+    OBJECT,
+    OPTIONAL,
+    POSITIVE,
+    REQUIRED,
+    TEXT,
+    TEXTS,
+    Expect,
+    Fields,
+    check_fields,
+    one_of,
+    share_like_output,
+    write_json_atomic,
+)
 
 CHECKPOINT_NAME = "checkpoint.json"
 MODEL_NAME = "model.safetensors"
@@ -93,13 +110,13 @@ def save_checkpoint(run_dir: str | Path, head: torch.nn.Module, info: dict, *, o
     info = {"format": FORMAT, "format_version": FORMAT_VERSION, "iosd_version": __version__, **info}
     try:
         weights = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-        save_file(weights, tmp / MODEL_NAME, metadata={"format": FORMAT, "step": str(info["step"])})
+        _save_tensors(weights, tmp / MODEL_NAME, {"format": FORMAT, "step": str(info["step"])})
         share_like_output(tmp / MODEL_NAME)
         if optimizer is not None:
             tensors, meta = flatten_optimizer(optimizer.state_dict())
             tensors.update(rng_tensors())
             meta["scaler"] = scaler.state_dict() if scaler is not None and scaler.is_enabled() else None
-            save_file(tensors, tmp / OPTIMIZER_NAME, metadata={"format": FORMAT, "meta": json.dumps(meta)})
+            _save_tensors(tensors, tmp / OPTIMIZER_NAME, {"format": FORMAT, "meta": json.dumps(meta)})
             share_like_output(tmp / OPTIMIZER_NAME)
         if projection is not None:
             from iosd.projection import PROJECTION_NAME
@@ -123,6 +140,18 @@ def save_checkpoint(run_dir: str | Path, head: torch.nn.Module, info: dict, *, o
     return steps / name
 
 
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' ``save_file``, its I/O failures (a full disk) raised as the OSError they are,
+    with the file's path, so the CLI can say it in one line."""
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as err:
+        code = os_errno(err)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from err
+
+
 def _fsync_dir(path: Path) -> None:
     for child in path.iterdir():
         with open(child, "rb") as f:
@@ -138,6 +167,59 @@ def _prune(steps: Path, keep: int) -> None:
 
 
 # -- reading ---------------------------------------------------------------------------------
+def _is_layer(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and POSITIVE_SHAPE[1](value[1])
+
+
+POSITIVE_SHAPE: Expect = ("[C, H, W]", lambda v: isinstance(v, list) and len(v) == 3 and all(POSITIVE[1](x) for x in v))
+LAYER: Expect = ("[path, [C, H, W]]", _is_layer)
+SLOT: Expect = ("[shard, sample]", lambda v: isinstance(v, list) and len(v) == 2 and all(COUNT[1](x) for x in v))
+WORKERS: Expect = ("a list of integers >= 0", lambda v: isinstance(v, list) and all(COUNT[1](x) for x in v))
+REFIT = "restore the run directory or retrain (a checkpoint.json edited by hand: fix the field)"
+
+
+def _layout_fields(at: str) -> Fields:
+    return (
+        (at, OBJECT, REQUIRED), (f"{at}.layers", ITEMS, REQUIRED), (f"{at}.layers[]", LAYER, REQUIRED),
+        (f"{at}.embedding_dim", POSITIVE, REQUIRED), (f"{at}.projection", OBJECT, NULLABLE),
+        (f"{at}.projection.k", POSITIVE, REQUIRED), (f"{at}.projection.sha256", TEXT, REQUIRED),
+    )
+
+
+def checkpoint_fields() -> Fields:
+    """What the readers of checkpoint.json (iosd-eval, -predict, -synth, iosd-train --resume
+    and --init) rely on."""
+    from iosd.choices import HEAD_KINDS, HIDDEN_STATES, POOLINGS
+
+    return (
+        ("format_version", INT, OPTIONAL), ("weights", TEXT, OPTIONAL), ("step", COUNT, OPTIONAL),
+        ("head", OBJECT, REQUIRED), ("head.kind", one_of(HEAD_KINDS), REQUIRED), *_layout_fields("head.layout"),
+        *_layout_fields("layout"),
+        ("features", OBJECT, NULLABLE), ("features.projection", OBJECT, NULLABLE), ("features.projection.file", TEXT, OPTIONAL),
+        ("embedding", OBJECT, NULLABLE), ("embedding.dim", POSITIVE, OPTIONAL), ("embedding.template", TEXT, OPTIONAL),
+        ("embedding.pooling", one_of(POOLINGS), OPTIONAL), ("embedding.hidden", one_of(HIDDEN_STATES), OPTIONAL),
+        ("classes", OBJECT, NULLABLE), ("classes.name", TEXT, REQUIRED), ("classes.split", INT, REQUIRED),
+        ("classes.seen", TEXTS, REQUIRED), ("classes.unseen", TEXTS, REQUIRED),
+        ("shards", OBJECT, OPTIONAL), ("shards.identity", TEXT, REQUIRED), ("shards.spec", TEXT, REQUIRED),
+        ("train", OBJECT, OPTIONAL), ("train.args", OBJECT, REQUIRED), ("train.data_position", OBJECT, OPTIONAL),
+        ("train.data_position.slots", ITEMS, REQUIRED), ("train.data_position.slots[]", SLOT, REQUIRED),
+        ("train.data_position.next_worker", WORKERS, OPTIONAL),
+        ("train.data_position.identity", TEXT, OPTIONAL), ("train.data_position.slots_count", POSITIVE, OPTIONAL),
+        ("recipe", OBJECT, OPTIONAL), ("recipe.name", TEXT, OPTIONAL), ("generation", OBJECT, NULLABLE), ("model", OBJECT, NULLABLE),
+    )
+
+
+def check_checkpoint(info: object, where: str) -> dict:
+    """Refuse a checkpoint.json this iosd cannot read: another format, a newer one, or a field a
+    reader relies on missing or of the wrong type (the one place checkpoint.json is checked)."""
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise UserError(f"{where} is not an iosd head checkpoint", "pass a run directory written by iosd-train")
+    check_fields(info, checkpoint_fields(), where, REFIT)
+    if int(info.get("format_version") or 0) > FORMAT_VERSION:
+        raise UserError(f"{where} has checkpoint format {info['format_version']}, newer than this iosd reads ({FORMAT_VERSION})", "upgrade iosd: pip install -U iosd")
+    return info
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict, Path]:
     """(checkpoint JSON, its step directory) of a run directory, step directory or JSON file."""
     path = Path(path)
@@ -150,14 +232,24 @@ def read_checkpoint(path: str | Path) -> tuple[dict, Path]:
         info = json.loads((where / CHECKPOINT_NAME).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{where / CHECKPOINT_NAME} is not readable JSON ({err})", "restore it or retrain") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise UserError(f"{where / CHECKPOINT_NAME} is not an iosd head checkpoint", "pass a run directory written by iosd-train")
-    if int(info.get("format_version", 0)) > FORMAT_VERSION:
-        raise UserError(f"{where} has checkpoint format {info['format_version']}, newer than this iosd reads ({FORMAT_VERSION})", "upgrade iosd: pip install -U iosd")
+    info = check_checkpoint(info, str(where / CHECKPOINT_NAME))
     weights = (where / info.get("weights", ".")).resolve()
     if not (weights / MODEL_NAME).exists():
-        raise UserError(f"{weights / MODEL_NAME} is missing", "the run directory is incomplete: restore it or retrain")
+        raise UserError(f"{weights / MODEL_NAME} (the weights {where / CHECKPOINT_NAME} names) is missing", "the run directory is incomplete: restore it or retrain")
     return info, weights
+
+
+def build_saved_head(info: dict, where: str | Path) -> torch.nn.Module:
+    """The head a checkpoint's ``head`` record describes; options it cannot build from (edited
+    or from another version) are a UserError naming the file, not a TypeError deep in torch."""
+    from iosd.train.heads import build_head
+
+    try:
+        return build_head(**info["head"])
+    except UserError as err:
+        raise UserError(f"{where}: head: {err.problem}", REFIT) from None
+    except (TypeError, ValueError, KeyError, RuntimeError) as err:
+        raise UserError(f"{where}: head cannot be built ({type(err).__name__}: {err})", REFIT) from None
 
 
 def _load_tensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -169,9 +261,13 @@ def _load_tensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
 
 def load_weights(head: torch.nn.Module, weights_dir: Path, device: str = "cpu") -> None:
     state = _load_tensors(weights_dir / MODEL_NAME, device)
-    missing, unexpected = head.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = head.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # tensor shapes: the head's options in checkpoint.json were changed
+        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise UserError(f"{weights_dir / MODEL_NAME} does not fit the head its {CHECKPOINT_NAME} describes ({first})", REFIT) from None
     if missing or unexpected:
-        raise UserError(f"{weights_dir / MODEL_NAME} does not fit the head (missing {len(missing)}, unexpected {len(unexpected)} tensors)", "the checkpoint was written by another head version: retrain")
+        raise UserError(f"{weights_dir / MODEL_NAME} does not fit the head its {CHECKPOINT_NAME} describes (missing {len(missing)}, unexpected {len(unexpected)} tensors)", "the checkpoint was written by another head version: retrain")
 
 
 def load_training_state(weights_dir: Path, optimizer, scaler=None, device: str = "cpu") -> None:
@@ -199,10 +295,8 @@ def load_head(run_or_checkpoint_dir: str | Path, device: str = "cpu"):
     A head trained on projected features comes wrapped with its basis (``ProjectedHead``: it
     takes raw UNet features), and the JSON's ``layout`` is then the raw layout it takes (the
     stored one moves to ``stored_layout``), so callers capture and pass raw features."""
-    from iosd.train.heads import build_head
-
     info, weights = read_checkpoint(run_or_checkpoint_dir)
-    head = build_head(**info["head"])
+    head = build_saved_head(info, weights / CHECKPOINT_NAME)
     load_weights(head, weights, "cpu")
     if (info.get("layout") or {}).get("projection"):
         from iosd.projection import PROJECTION_NAME, ProjectedHead, load
