@@ -38,19 +38,17 @@ from zarr.codecs import BloscCodec
 from zarr.core.buffer import cpu
 from zarr.storage import MemoryStore
 
+from iosd.choices import DEFAULT_CODEC
 from iosd.errors import UserError
 from iosd.layers import layer_key
 
-# name -> zarr v3 codec list; every entry is numcodecs underneath.
+# name -> zarr v3 codec list; every entry is numcodecs underneath. The names are also
+# iosd.choices.CODEC_NAMES (iosd-gen's --codec), which holds the default's reasons.
 CODECS = {
     "blosc-zstd": lambda: [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")],
     "blosc-lz4": lambda: [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")],
     "none": lambda: [],
 }
-# Uncompressed by default: lossless codecs gain 1.04-1.15x on activations (bench/codecs.py)
-# and halve the loader's rate (bench/loader.py: IOSD's 19 maps 110-141 vs 38 samples/s per
-# worker) and the encoder's; fp8, int8 and --project are the ways to fewer bytes.
-DEFAULT_CODEC = "none"
 
 # feature dtype -> the NumPy dtype of the stored array (little-endian, as zarr writes it)
 STORED_DTYPES = {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "int8": np.dtype("i1"), "fp8": np.dtype("u1")}

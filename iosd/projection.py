@@ -32,7 +32,6 @@ from iosd.layers import group_by_resolution, layer_key
 from iosd.manifest import write_bytes_atomic
 
 PROJECTION_NAME = "projection.safetensors"
-DEFAULT_CALIBRATION = 64  # candidates whose features fit the basis
 FORMAT = "iosd-projection"
 _META_KEY = "iosd_projection"
 

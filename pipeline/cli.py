@@ -6,14 +6,19 @@ import json
 
 import click
 
+from iosd.choices import (
+    CODEC_NAMES,
+    DEFAULT_CALIBRATION,
+    DEFAULT_CODEC,
+    GT_RULES,
+    HIDDEN_STATES,
+    POOLINGS,
+)
 from iosd.errors import user_errors
-from iosd.featstore import CODECS, DEFAULT_CODEC
 from iosd.layers import FEATURE_DTYPES, PRESETS
-from iosd.pipeline.teacher import GT_RULES
-from iosd.pipeline.text import HIDDEN_STATES, POOLINGS
-from iosd.projection import DEFAULT_CALIBRATION
 from iosd.recipes import HALVES, SCHEDULERS, recipe_names
 from iosd.recipes import show_config as show_resolved
+from iosd.verbosity import set_verbose
 
 RECIPES = ", ".join(recipe_names())
 
@@ -43,7 +48,7 @@ RECIPES = ", ".join(recipe_names())
 @click.option("--layers", default=None, help=f"feature preset ({', '.join(PRESETS)}) or comma-separated UNet module paths [recipe]")
 @click.option("--halves", type=click.Choice(HALVES), default=None, help="under guidance, capture the conditional half or both halves side by side (GD) [recipe]")
 @click.option("--feature-dtype", type=click.Choice(FEATURE_DTYPES), default=None, help="[recipe]")
-@click.option("--codec", type=click.Choice(list(CODECS)), default=DEFAULT_CODEC, help="feature compression")
+@click.option("--codec", type=click.Choice(CODEC_NAMES), default=DEFAULT_CODEC, help="feature compression")
 @click.option("--project", type=int, default=None, help="store K channels per resolution group: a PCA basis fitted on the first --calibration-samples candidates (saved as projection.safetensors) [default: every layer as captured]")
 @click.option("--calibration-samples", type=int, default=None, help=f"with --project: candidates the basis is fitted on  [default: {DEFAULT_CALIBRATION}]")
 @click.option("--feature-t", type=int, default=None, help="capture in an extra UNet pass on the final latent re-noised to this timestep [default: the denoising step; 50 for image sources]")
@@ -61,14 +66,16 @@ RECIPES = ", ".join(recipe_names())
 @click.option("--workers", type=int, default=2, help="threads that encode and compress samples")
 @click.option("--overwrite", is_flag=True, help="replace a shard set generated with a different config")
 @click.option("--quiet", is_flag=True, help="no progress bar")
+@click.option("--verbose", is_flag=True, help="also show the diffusion libraries' own loading bars and warnings")
 @user_errors
-def main(show_config: bool, **options) -> None:
+def main(show_config: bool, verbose: bool, **options) -> None:
     """Generate training shards: prompts -> diffusion -> cached UNet features -> Mask R-CNN masks.
 
     Options marked [recipe] default to the recipe's value (--show-config lists them).
     """
     from iosd.pipeline.generate import GenConfig, generate
 
+    set_verbose(verbose)
     cfg = GenConfig(**options)
     if show_config:
         filled, resolved = cfg.with_recipe()

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from iosd.choices import DEFAULT_CALIBRATION
 from iosd.errors import UserError
 from iosd.projection import (
-    DEFAULT_CALIBRATION,
     PROJECTION_NAME,
     CovarianceFit,
     Projection,

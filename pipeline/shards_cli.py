@@ -22,8 +22,6 @@ from rich.progress import (
 from rich.table import Table
 
 from iosd.errors import user_errors
-from iosd.pipeline import verify as shardcheck
-from iosd.schema import DECISIONS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 
@@ -40,6 +38,8 @@ def main() -> None:
 def verify(directory: Path, quiet: bool) -> None:
     """Check every shard listed in DIRECTORY/dataset.json: present, size, sha256, readable to the
     end, every sample complete and decodable. Exit code 1 names each bad shard."""
+    from iosd.pipeline import verify as shardcheck  # here, not at the top: --help stays instant
+
     total = shardcheck.bytes_to_read(directory)
     columns = (TextColumn("hashing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), disable=quiet, transient=True) as bar:
@@ -69,6 +69,8 @@ def _size(n: int | None) -> str:
 
 
 def _info_tables(info: dict) -> list[Table]:
+    from iosd.schema import DECISIONS
+
     overview = Table(title=f"shard set {info['directory']}", show_header=False)
     overview.add_column("field", style="bold")
     overview.add_column("value")
@@ -109,6 +111,8 @@ def _info_tables(info: dict) -> list[Table]:
 @user_errors
 def info(directory: Path, as_json: bool, scan: bool) -> None:
     """Summarise a shard set: size, classes, feature layout, generation config."""
+    from iosd.pipeline import verify as shardcheck
+
     summary = shardcheck.summarize(directory, scan=scan)
     if as_json:
         click.echo(json.dumps(summary, indent=1, sort_keys=True))
@@ -126,5 +130,7 @@ def info(directory: Path, as_json: bool, scan: bool) -> None:
 @user_errors
 def show(directory: Path, count: int, out: Path | None, ncols: int) -> None:
     """Render the first samples with their masks and class scores as a PNG grid."""
+    from iosd.pipeline import verify as shardcheck
+
     path = shardcheck.preview(directory, count, out, ncols=ncols)
     click.echo(f"wrote {path}")

@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
+from iosd.choices import GT_RULES
 from iosd.classes import canonical
 from iosd.errors import UserError
 from iosd.manifest import sha256_file
@@ -326,9 +327,7 @@ def _num_classes(model: torch.nn.Module) -> int | None:
 
 
 # -- the teacher ----------------------------------------------------------------------------------
-# How a class's instances become its one mask: both papers take the top instance of the label
-# (IOSD: the first, highest-scoring one); "union" joins every instance above the threshold.
-GT_RULES = ("top", "union")
+# How a class's instances become its one mask: GT_RULES (iosd.choices).
 
 
 def class_mask(masks: torch.Tensor, scores: torch.Tensor, rule: str) -> tuple[np.ndarray, float]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from iosd.choices import HIDDEN_STATES, POOLINGS
 from iosd.errors import UserError
 
 EMBED_TEMPLATE = "a photograph of a {}"
@@ -40,10 +41,6 @@ def text_encoders(pipe) -> list[tuple[object, torch.nn.Module]]:
     SD 1.x/2.x (the pairs of ``iosd.pipeline.families``; absent ones are skipped)."""
     pairs = [(getattr(pipe, t, None), getattr(pipe, e, None)) for t, e in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))]
     return [(t, e) for t, e in pairs if t is not None and e is not None]
-
-
-POOLINGS = ("mean", "first")  # GD: the class-name tokens averaged; IOSD: the name's first token
-HIDDEN_STATES = ("penultimate", "final")  # SDXL's conditioning layer; SD v1's (after the final norm)
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,9 @@ import sys
 import click
 from click.core import ParameterSource
 
+from iosd.choices import HEAD_KINDS, LOSS_SIZES, SCHEDULES, SUBSETS
 from iosd.errors import UserError, user_errors
 from iosd.recipes import recipe_names
-from iosd.train.heads import KINDS
-from iosd.train.trainer import LOSS_SIZES, SCHEDULES, SUBSETS, TrainConfig
 
 RECIPES = ", ".join(recipe_names())
 
@@ -34,7 +33,7 @@ def parse_head_options(values: tuple[str, ...]) -> dict:
 @click.argument("shards")
 @click.option("--recipe", default=None, help=f"one of {RECIPES}: published configuration the options marked [recipe] default to [default: the shards' own]")
 @click.option("--show-config", is_flag=True, help="print the resolved settings and where each comes from, then exit")
-@click.option("--head", type=click.Choice(KINDS), default=None, help="head architecture: iosd, gd (the papers' official modules) or their -lite variants [recipe]")
+@click.option("--head", type=click.Choice(HEAD_KINDS), default=None, help="head architecture: iosd, gd (the papers' official modules) or their -lite variants [recipe]")
 @click.option("--steps", type=int, default=None, help="optimizer steps in all; a resumed run continues up to it [recipe]")
 @click.option("--batch-size", type=int, default=None, help="samples per step and rank [recipe]")
 @click.option("--lr", type=float, default=None, help="Adam learning rate [recipe]")
@@ -66,7 +65,7 @@ def parse_head_options(values: tuple[str, ...]) -> dict:
 @click.option("--no-tensorboard", is_flag=True, help="do not write TensorBoard events even if it is installed")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @click.pass_context
-@user_errors
+@user_errors(rerun="then rerun with --resume to continue from the last checkpoint")
 def main(ctx: click.Context, show_config: bool, **options) -> None:
     """Train a grounding head (features + class embedding -> mask) on iosd-gen shards.
 
@@ -75,7 +74,7 @@ def main(ctx: click.Context, show_config: bool, **options) -> None:
     Under `torchrun --nproc-per-node K iosd-train ...` it trains with DDP. Options marked
     [recipe] default to the recipe's value (--show-config lists them).
     """
-    from iosd.train.trainer import Trainer, train
+    from iosd.train.trainer import TrainConfig, Trainer, train
 
     renames = {"head_option": "head_options", "compile_": "compile"}
     explicit = frozenset(renames.get(name, name) for name in options if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT))

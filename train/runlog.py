@@ -11,6 +11,10 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 METRICS_NAME = "metrics.jsonl"
 CURVE_NAME = "curve.png"
@@ -110,42 +114,28 @@ def plot_curve(run_dir: str | Path) -> Path | None:
 
 
 class Progress:
-    """A rich progress bar over steps with the latest loss and samples/s (or nothing)."""
+    """Training progress with the latest loss and samples/s: a bar on a terminal, plain lines in
+    a log (``iosd.progress`` decides), or nothing."""
 
-    def __init__(self, show: bool, total: int, done: int, label: str) -> None:
+    FIELDS = {"loss": "loss {}", "speed": "{} samples/s", "val": "{}"}
+
+    def __init__(self, show: bool, total: int, done: int, label: str, console: Console | None = None) -> None:
         self.show = show
         self.bar = None
         if show:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-            from rich.progress import Progress as RichProgress
+            from iosd.progress import open_progress
 
-            self.bar = RichProgress(
-                TextColumn("[bold]train[/] {task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"),
-                TextColumn("{task.fields[speed]} samples/s"),
-                TextColumn("{task.fields[val]}"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-            )
-            self.bar.__enter__()
-            self.task = self.bar.add_task(label, total=total, completed=done, loss="-", speed="-", val="")
+            values = {"loss": "-", "speed": "-", "val": ""}
+            self.bar = open_progress("train", label, total, done, unit="step", fields=self.FIELDS, values=values, console=console)
 
     def advance(self, step: int, **fields) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, completed=step, **fields)
+            self.bar.update(step, **fields)
 
     def print(self, message: str) -> None:
         """A line above the bar (or on stderr without one)."""
         if self.bar is not None:
-            self.bar.console.print(message, highlight=False, markup=False)
+            self.bar.print(message)
         else:
             import sys
 
@@ -153,5 +143,5 @@ class Progress:
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.__exit__(None, None, None)
+            self.bar.close()
             self.bar = None

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from iosd import __version__
+from iosd.choices import LOSS_SIZES, SCHEDULES, SUBSETS
 from iosd.errors import UserError
 from iosd.manifest import layout_mismatch
 from iosd.projection import for_shard_set as projection_for
@@ -39,8 +40,6 @@ from iosd.train.runlog import CURVE_NAME, METRICS_NAME, MetricsLog, Progress, pl
 from iosd.train.shards import ShardSet, resolve_shards
 from iosd.train.validate import ValTally, run_validation
 
-SCHEDULES = ("constant", "cosine", "step")
-SUBSETS = ("seen", "all")
 # What a run directory may hold; anything else makes it foreign.
 RUN_FILES = {ckpt.CHECKPOINT_NAME, ckpt.STEPS_DIR, METRICS_NAME, CURVE_NAME, "tensorboard"}
 
@@ -53,8 +52,6 @@ def _foreign_files(run_dir: Path) -> set[str]:
 # Fixed by the checkpoint: a resumed run may not change them.
 ARCHITECTURE = ("head", "head_options", "recipe")
 RECIPE_OPTIONS = tuple(get_recipe(FAST_RECIPE).settings["train"])
-
-LOSS_SIZES = ("image", "head")  # the loss at the image's resolution (the papers), or the head's own map
 
 
 @dataclass
@@ -293,7 +290,7 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         if self.resumed:
-            self.head = build_head(**self.resumed["head"])
+            self.head = ckpt.build_saved_head(self.resumed, self.run_dir / ckpt.CHECKPOINT_NAME)
             ckpt.load_weights(self.head, self.resume_weights)
         else:
             self.head = build_head(cfg.head, self.shards.layout, **self._head_options())
