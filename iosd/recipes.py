@@ -15,6 +15,7 @@ from importlib import resources
 from typing import Any
 
 from iosd.errors import UserError
+from iosd.worlds import WORLDS
 
 STAGES = ("gen", "train", "eval")
 DEFAULT_RECIPE = "iosd"
@@ -25,7 +26,8 @@ HALVES = ("cond", "both")  # captured rows under guidance: the conditional half,
 # CPU stand-in models (random weights, embedded) and the recipe each runs by default: the
 # papers' schedules take GPU hours, so a tiny SDXL runs the fast recipe and the tiny SD v1
 # the only recipe of its family.
-CPU_STAND_INS = {"tiny": FAST_RECIPE, "tiny-sd1": "gd"}
+# The trained worlds (iosd/worlds.py) are CPU models too, each with its own recipe.
+CPU_STAND_INS = {"tiny": FAST_RECIPE, "tiny-sd1": "gd", **{name: w["recipe"] for name, w in WORLDS.items()}}
 
 
 def default_recipe(model: str | None) -> str:

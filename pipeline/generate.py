@@ -58,6 +58,7 @@ from iosd.progress import stage_progress
 from iosd.quantize import check_feature_dtype
 from iosd.recipes import CPU_STAND_INS, HALVES, SCHEDULERS, Resolved, default_recipe, resolve
 from iosd.schema import KEPT, PAIR_GROUPS, Sample, encode_sample, sample_key
+from iosd.worlds import WORLD_SIDE, WORLDS
 
 STREAMS = {"train": 0, "test": 1}  # test seeds never collide with training seeds
 PAIRS_TAG = 0x70616972  # "pair": the two-object plan's own random stream, apart from candidates'
@@ -131,8 +132,8 @@ class GenConfig:
             setattr(c, name, value)
         # CPU stand-ins: 128 px, and a random-weight teacher that never reaches the papers' scores
         if c.model in CPU_STAND_INS and self.resolution is None:
-            c.resolution = TINY_RESOLUTION
-            resolved.origin["resolution"].update(value=c.resolution, source="the tiny model's native 128 px")
+            c.resolution = WORLD_SIDE if c.model in WORLDS else TINY_RESOLUTION
+            resolved.origin["resolution"].update(value=c.resolution, source=f"the {c.model} model's native {c.resolution} px")
         if self.tiny_teacher or source_kind(c.source) in IMAGE_SOURCES:
             for name in ("min_score", "score_thr"):
                 if getattr(self, name) is None:

@@ -4,8 +4,10 @@ pipeline (SDXL-Turbo by default), or an embedded random-weight stand-in (``tiny`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from iosd.pipeline.families import (
     get_family,
     supported_hint,
 )
+from iosd.worlds import WORLDS, verify_world, world_dir
 
 DEFAULT_MODEL = "stabilityai/sdxl-turbo"
 TINY = "tiny"  # random-weight SDXL (pipeline/tiny.py)
@@ -27,6 +30,7 @@ TINY_SD1 = "tiny-sd1"  # random-weight SD 1.x (pipeline/tiny.py)
 TINY_MODELS = (TINY, TINY_SD1)
 RANDOM_WEIGHTS_MARKER = "random-weights.json"  # in a directory of a real architecture with random weights (scripts/build-real-model.py)
 TINY_MODEL_SEED = 0  # the tiny model's identity: gen, train and predict must see the same weights
+STAND_INS = (*TINY_MODELS, *WORLDS)  # CPU models by name: random tiny ones and the trained worlds
 
 
 @dataclass
@@ -63,16 +67,72 @@ def load_model(model: str, *, device: str = "auto", revision: str | None = None)
         family = family_of_pipe(pipe)
         info = {"id": model, "revision": f"seed{TINY_MODEL_SEED}", "dtype": "float32", "family": family.name, "random_weights": True}
         return LoadedModel(pipe, dev, torch.float32, info, family.name)
+    if model in WORLDS:
+        return _load_world(model, dev)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     family, source, local = _family_of(model, revision)
     pipe = _from_pretrained(family, model, source, local, revision, dtype)
-    pipe.to(dev)
-    pipe.vae.to(dtype=torch.float32)
+    with quiet_libraries():  # diffusers warns that the VAE "should be kept in float32": it is
+        pipe.to(dev)
+        pipe.vae.to(dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     resolved = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", model)
     info = {"id": model, "revision": revision or _snapshot_revision(str(resolved)), "dtype": str(dtype).removeprefix("torch."), "family": family.name,
             "random_weights": local is not None and (Path(local) / RANDOM_WEIGHTS_MARKER).exists()}
     return LoadedModel(pipe, dev, dtype, info, family.name)
+
+
+def _load_world(name: str, dev: torch.device) -> LoadedModel:
+    """A trained world (iosd/worlds.py), every file checked against its provenance record
+    first, loaded in float32 (its weights are stored in float16)."""
+    record = verify_world(name)
+    root = world_dir(name)
+    family, _, _ = _family_of(str(root), None)
+    pipe = _from_pretrained(family, name, str(root), root, None, torch.float32)
+    pipe.to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    world = {"name": name, "palette": record["palette"], "side": record["side"], "seed": record["config"]["seed"]}
+    info = {"id": name, "revision": record["sha256"]["unet/diffusion_pytorch_model.safetensors"][:12], "dtype": "float32", "family": family.name,
+            "random_weights": False, "world": world}
+    return LoadedModel(pipe, dev, torch.float32, info, family.name)
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """While loading, diffusers' and transformers' bars (``Loading pipeline components...``) and
+    warnings (modules "kept in float32") say nothing an iosd user acts on: silenced unless
+    ``--verbose`` (iosd.verbosity). The hub's download bars stay: the one sign of life of a
+    multi-GB download. Settings are restored afterwards."""
+    from iosd.verbosity import is_verbose
+
+    if is_verbose():
+        yield
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
+    from transformers.utils import logging as transformers_logging
+
+    libraries = (diffusers_logging, transformers_logging)
+    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libraries]
+    hub_bars = not are_progress_bars_disabled()
+    for lib in libraries:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()  # transformers' also turns the hub's off: back on below
+    if hub_bars:
+        enable_progress_bars()
+    try:
+        yield
+    finally:
+        for lib, level, bars in saved:
+            lib.set_verbosity(level)
+            if bars:
+                lib.enable_progress_bar()
+        if not hub_bars:
+            disable_progress_bars()
 
 
 def _snapshot_revision(path: str) -> str | None:
@@ -122,12 +182,13 @@ def _from_pretrained(family: Family, model: str, source: str, local: Path | None
     variant = "fp16" if dtype == torch.float16 else None
     extra = {"safety_checker": None, "requires_safety_checker": False} if family.name == "sd" else {}
     try:
-        try:
-            return cls.from_pretrained(source, dtype=dtype, variant=variant, revision=revision, **extra)
-        except (ValueError, OSError) as err:
-            if variant is None or "variant" not in str(err).lower():
-                raise
-            return cls.from_pretrained(source, dtype=dtype, revision=revision, **extra)
+        with quiet_libraries():
+            try:
+                return cls.from_pretrained(source, dtype=dtype, variant=variant, revision=revision, **extra)
+            except (ValueError, OSError) as err:
+                if variant is None or "variant" not in str(err).lower():
+                    raise
+                return cls.from_pretrained(source, dtype=dtype, revision=revision, **extra)
     except OSError as err:
         if local is not None:
             raise UserError(f"{local} is not a loadable diffusers {cls.__name__} directory ({str(err).splitlines()[0]})", "point --model at a directory with model_index.json and its components") from None

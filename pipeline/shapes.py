@@ -152,9 +152,9 @@ def _texture(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray) -> np.nda
     return np.clip((noise - 0.5) * 2.5 + 0.5, 0, 1)
 
 
-def _paint_object(rng: np.random.Generator, name: str, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
-    """(h, w, 3) colours of one object: two tones of its class hue mixed by a texture."""
-    hue = class_hue(name) + rng.uniform(-0.025, 0.025)
+def _paint_object(rng: np.random.Generator, hue: float, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+    """(h, w, 3) colours of one object: two tones of ``hue`` mixed by a texture."""
+    hue = hue + rng.uniform(-0.025, 0.025)
     light = _hsv(hue, rng.uniform(0.7, 1.0), rng.uniform(0.8, 1.0))
     dark = _hsv(hue + rng.uniform(-0.01, 0.01), rng.uniform(0.75, 1.0), rng.uniform(0.4, 0.6))
     return light + (dark - light) * _texture(rng, xx, yy)[..., None]
@@ -167,13 +167,15 @@ def _muted(rng: np.random.Generator) -> np.ndarray:
     return _hsv(rng.random(), rng.uniform(0.0, 0.3), rng.uniform(0.25, 0.85))
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+def _background(rng: np.random.Generator, size: int, clutter: bool = True) -> np.ndarray:
     """(H, W, 3) uint8 clutter: smooth muted colour field, irregular blobs, pixel noise, thin lines.
 
     Drawn with PIL at C speed; only the pixel noise is numpy."""
     cells = int(rng.integers(3, 7))
     coarse = _muted(rng) * 0.7 + (rng.random((cells, cells, 3)) - 0.5) * rng.uniform(40, 90) + 40
     canvas = Image.fromarray(np.clip(coarse, 0, 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
+    if not clutter:
+        return np.array(canvas)
     for _ in range(int(rng.integers(2, 5))):  # blobs: thresholded smooth noise
         cells = int(rng.integers(5, 10))
         noise = Image.fromarray((rng.random((cells, cells)) * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
@@ -276,20 +278,23 @@ def _occlusion_cost(masks: list[np.ndarray]) -> float:
     return cost
 
 
-def render_scene(names: list[str], rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+def render_scene(names: list[str], rng: np.random.Generator, size: int, hues: list[float] | None = None, clutter: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """An RGB uint8 (size, size, 3) scene holding one object per name, and its (N, size, size)
-    bool masks of visible pixels, in the order of ``names``."""
+    bool masks of visible pixels, in the order of ``names``. Each object takes its class's hue,
+    or ``hues[i]`` when given (the trained world, where colour must not identify a class)."""
     unknown = [n for n in names if n not in GEOMETRY]
     if unknown:
         raise UserError(f"unknown shape class(es) {', '.join(map(repr, unknown))}", f"choose from: {', '.join(SHAPE_NAMES)}")
     if size < MIN_SIZE_PX:
         raise UserError(f"shapes world size {size} px is too small", f"use at least {MIN_SIZE_PX} px")
     axis = (np.arange(size, dtype=np.float32) + 0.5) / size
-    img = _background(rng, size)
+    img = _background(rng, size, clutter)
     objects = _place(rng, list(names), axis)
-    for name, obj in zip(names, objects, strict=True):
+    if hues is None:
+        hues = [class_hue(n) for n in names]
+    for hue, obj in zip(hues, objects, strict=True):
         ys, xs = obj.window
-        colours = _paint_object(rng, name, axis[None, xs], axis[ys, None])
+        colours = _paint_object(rng, hue, axis[None, xs], axis[ys, None])
         region = img[obj.window]
         region[obj.local] = colours[obj.local].astype(np.uint8)
     masks = np.stack(_visible([o.full(size) for o in objects])) if objects else np.zeros((0, size, size), bool)

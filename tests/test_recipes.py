@@ -64,7 +64,9 @@ def test_default_recipe_is_iosd_and_the_cpu_stand_ins_get_their_own():
     assert resolved.recipe == "fast" and tiny.resolution == 128 and tiny.layers == "compact"
     gd, _ = GenConfig(recipe="gd").with_recipe()
     assert (gd.model, gd.scheduler, gd.steps, gd.guidance, gd.halves, gd.objects, gd.query_pooling, gd.query_hidden) == ("CompVis/stable-diffusion-v1-4", "ddim", 50, 5.0, "both", "mix", "mean", "final")
-    assert set(CPU_STAND_INS) == {"tiny", "tiny-sd1"}
+    assert set(CPU_STAND_INS) == {"tiny", "tiny-sd1", "world-sdxl", "world-sd1"}
+    world, resolved = GenConfig(model="world-sdxl").with_recipe()
+    assert resolved.recipe == "fast" and world.resolution == 64  # the trained world's native side
 
 
 def test_show_config_prints_every_setting_with_its_source():

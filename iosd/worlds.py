@@ -1,0 +1,93 @@
+"""The trained CPU world: small text-to-image models that iosd trains itself on the shapes world.
+
+Random weights carry no class semantics, so on a CPU nothing else can show the papers'
+mechanism (a head trained on seen classes segments unseen ones because the generator knows
+them). ``scripts/train-world.py`` trains these models; they ship as diffusers directories under
+``iosd/data/worlds/<name>/`` with a provenance record (``world.json``: script, commit, seed,
+steps, final losses and the sha256 of every file), and ``--model <name>`` loads one after
+checking every file against that record. This module is the one definition of their names,
+where they live, what their world looks like and how they are verified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+from iosd.errors import UserError
+
+PROVENANCE = "world.json"  # in each world directory; not itself hashed
+# Shipped with the package; IOSD_WORLDS_DIR points elsewhere (a retrained or blind world).
+WORLDS_DIR = Path(os.environ.get("IOSD_WORLDS_DIR") or str(resources.files("iosd").joinpath("data/worlds")))
+# name -> its model family and the recipe it runs by default
+WORLDS: dict[str, dict] = {
+    "world-sdxl": {"family": "sdxl", "recipe": "fast"},
+    "world-sd1": {"family": "sd", "recipe": "gd"},
+}
+WORLD_SIDE = 64  # pixels: the side the world's models are trained at (16x16 latents)
+# Colour words and their hues: every object's hue is drawn at random (and may be named in the
+# caption), so colour never identifies a class; only what the generator learned does.
+COLOURS: dict[str, float] = {"red": 0.0, "orange": 0.075, "yellow": 0.155, "green": 0.32, "cyan": 0.5, "blue": 0.63, "purple": 0.76, "pink": 0.9}
+HUE_JITTER = 0.02
+
+
+def random_colours(rng, count: int) -> list[tuple[str, float]]:
+    """(colour word, hue) of ``count`` objects as the world draws them: a word each, its hue jittered."""
+    words = list(COLOURS)
+    picked = [words[int(rng.integers(len(words)))] for _ in range(count)]
+    return [(w, COLOURS[w] + float(rng.uniform(-HUE_JITTER, HUE_JITTER))) for w in picked]
+
+
+def rebuild_command(name: str) -> str:
+    """The command that retrains world ``name`` into its shipped place."""
+    return f"python scripts/train-world.py --world {name}"
+
+
+def world_dir(name: str) -> Path:
+    return WORLDS_DIR / name
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def directory_digests(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` (relative POSIX paths), the provenance record aside."""
+    return {p.relative_to(root).as_posix(): file_digest(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != PROVENANCE}
+
+
+def verify_world(name: str, root: Path | None = None) -> dict:
+    """The provenance record of world ``name`` after checking every file's sha256 against it;
+    a missing, extra or altered file is a one-line error naming it and the rebuild command."""
+    root = root or world_dir(name)
+    fix = f"rebuild it with `{rebuild_command(name)}`, or restore the shipped files with git"
+    record_path = root / PROVENANCE
+    try:
+        record = json.loads(record_path.read_text())
+        expected = dict(record["sha256"])
+    except FileNotFoundError:
+        raise UserError(f"the trained world {name!r} is missing ({record_path} not found)", fix) from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{record_path} is not a world provenance record ({err})", fix) from None
+    actual = directory_digests(root)
+    for rel, digest in expected.items():
+        if rel not in actual:
+            raise UserError(f"{root / rel} of the trained world {name!r} is missing", fix)
+        if actual[rel] != digest:
+            raise UserError(f"{root / rel} of the trained world {name!r} does not match its sha256 in {PROVENANCE}", fix)
+    extra = sorted(set(actual) - set(expected))
+    if extra:
+        raise UserError(f"{root / extra[0]} is not part of the trained world {name!r}", fix)
+    return record
+
+
+def world_of(info: dict) -> dict | None:
+    """The world spec a loaded model carries (``LoadedModel.info["world"]``), or None."""
+    return info.get("world")

@@ -1,0 +1,168 @@
+"""The trained world: scenes where colour never names a class, shipped weights that match
+their provenance record, a one-line refusal when they do not, and a training run that resumes
+after a kill to the same weights."""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from iosd import worlds
+from iosd.errors import UserError
+from iosd.manifest import current_umask
+from iosd.worlds import COLOURS, PROVENANCE, WORLDS, directory_digests, verify_world, world_dir
+
+MAX_WORLD_BYTES = 40 * 2**20
+
+
+def _colour_word(image: np.ndarray, mask: np.ndarray) -> str:
+    """The colour word nearest the mean hue of an object's pixels."""
+    r, g, b = image[mask].reshape(-1, 3).mean(axis=0) / 255
+    hue = colorsys.rgb_to_hsv(r, g, b)[0]
+    return min(COLOURS, key=lambda w: min(abs(hue - COLOURS[w]), 1 - abs(hue - COLOURS[w])))
+
+
+def test_colour_never_identifies_a_class_and_captions_name_every_object():
+    from iosd.train.world import caption_templates, sample_scene, world_classes
+
+    rng, classes, templates = np.random.default_rng(0), world_classes([]), caption_templates()
+    colours: dict[str, set[str]] = defaultdict(set)
+    two = 0
+    for _ in range(240):
+        image, masks, caption, names = sample_scene(rng, classes, templates)
+        two += len(names) == 2
+        for name, mask in zip(names, masks, strict=True):
+            assert name in caption
+            colours[name].add(_colour_word(image, mask))
+    assert set(colours) == set(classes)  # every class, seen and unseen, is drawn and named
+    assert 60 < two < 180  # one- and two-object scenes
+    assert all(len(c) >= 4 for c in colours.values()), dict(colours)
+
+
+def test_a_world_model_draws_the_shapes_source_in_random_hues():
+    """The shapes source under a world's palette: the same class in many colours."""
+    from iosd.pipeline.shapes import render_scene
+    from iosd.worlds import random_colours
+
+    seen = set()
+    for seed in range(40):
+        hues = [h for _, h in random_colours(np.random.default_rng([seed, 7]), 1)]
+        image, masks = render_scene(["star"], np.random.default_rng(seed), 64, hues)
+        seen.add(_colour_word(image, masks[0]))
+    assert len(seen) >= 4
+
+
+MICRO = dict(scenes=24, vae_steps=4, unet_steps=4, batch_size=4, save_every=2, warmup=2)
+
+
+def _train(tmp_path: Path, name: str, world: str = "world-sdxl"):
+    from iosd.train.world import WorldConfig, train_world
+
+    out = tmp_path / name
+    train_world(WorldConfig(world=world, **MICRO), out, tmp_path / f"{name}-work", show=False, log=lambda m: None)
+    return directory_digests(out), json.loads((out / PROVENANCE).read_text())
+
+
+@pytest.fixture(scope="module")
+def micro_world(tmp_path_factory):
+    """A world-sdxl trained for a few steps: the real script's output, in miniature."""
+    root = tmp_path_factory.mktemp("micro-world")
+    digests, record = _train(root, "world-sdxl")
+    return root / "world-sdxl", digests, record
+
+
+def test_a_trained_world_carries_its_provenance(micro_world):
+    root, digests, record = micro_world
+    assert record["sha256"] == digests and "unet/diffusion_pytorch_model.safetensors" in digests
+    assert record["script"] == "scripts/train-world.py" and record["world"] == "world-sdxl" and record["family"] == "sdxl"
+    assert record["config"]["seed"] == 0 and record["unet"]["steps"] == MICRO["unet_steps"] and record["unet"]["final_loss"] > 0
+    assert record["palette"] == "random" and verify_world("world-sdxl", root)["sha256"] == digests
+    mode = 0o666 & ~current_umask()
+    assert all(p.stat().st_mode & 0o777 == mode for p in root.rglob("*") if p.is_file())  # not safetensors' 0o600
+
+
+@pytest.mark.parametrize("name", list(WORLDS))
+def test_shipped_world_matches_its_provenance(name):
+    root = world_dir(name)
+    if not (root / PROVENANCE).exists():
+        pytest.skip(f"{name} is not shipped yet (python scripts/train-world.py --world {name})")
+    record = verify_world(name)
+    assert record["script"] == "scripts/train-world.py" and record["world"] == name and record["config"]["seed"] == 0
+    assert record["palette"] == "random" and record["family"] == WORLDS[name]["family"]
+    assert sum(p.stat().st_size for p in root.rglob("*")) < MAX_WORLD_BYTES
+
+
+@pytest.fixture
+def altered_world(micro_world, tmp_path, monkeypatch):
+    """A copy of a trained world, its UNet weights changed by one byte, where --model finds it."""
+    root = tmp_path / "worlds"
+    shutil.copytree(micro_world[0], root / "world-sdxl")
+    weights = root / "world-sdxl" / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    monkeypatch.setattr(worlds, "WORLDS_DIR", root)
+    return weights
+
+
+def test_altered_world_weights_stop_in_one_line_before_anything_is_written(altered_world, tmp_path):
+    from iosd.pipeline.cli import main as gen_main
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(gen_main, ["--model", "world-sdxl", "--source", "shapes", "--classes", "shapes", "--num-samples", "4", "--out", str(out), "--quiet"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(altered_world) in lines[0] and "scripts/train-world.py --world world-sdxl" in lines[0], result.output
+    assert not out.exists()
+
+
+def test_missing_world_file_is_named(altered_world):
+    altered_world.unlink()
+    with pytest.raises(UserError, match="diffusion_pytorch_model.safetensors .*is missing"):
+        verify_world("world-sdxl")
+
+
+def test_a_missing_world_names_the_command_that_builds_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(worlds, "WORLDS_DIR", tmp_path)
+    with pytest.raises(UserError, match="world-sdxl.*is missing.*scripts/train-world.py --world world-sdxl"):
+        verify_world("world-sdxl")
+
+
+def test_train_world_resumes_after_a_kill_to_the_same_weights(micro_world, tmp_path, monkeypatch):
+    import torch
+
+    _, whole, _ = micro_world
+    calls = {"n": 0}
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def killed_at_step_3(*args, **kwargs):  # the denoiser stage clips once a step
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, "world-sdxl")
+    assert not (tmp_path / "world-sdxl").exists()  # nothing shipped from a killed run
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    resumed, _ = _train(tmp_path, "world-sdxl")
+    assert resumed == whole
+
+
+def test_the_sd1_world_trains_and_loads_as_its_family(tmp_path, monkeypatch):
+    """GD's family: one text encoder, the empty prompt's embedding as the unconditional row."""
+    from iosd.pipeline.models import load_model
+
+    _train(tmp_path, "world-sd1", world="world-sd1")
+    monkeypatch.setattr(worlds, "WORLDS_DIR", tmp_path)
+    loaded = load_model("world-sd1", device="cpu")
+    assert loaded.family == "sd" and loaded.info["world"]["palette"] == "random" and not loaded.info["random_weights"]
+    assert loaded.pipe.unet.config.sample_size * loaded.pipe.vae_scale_factor == worlds.WORLD_SIDE

@@ -1,0 +1,399 @@
+"""Train a world generator: a small latent diffusion model of the real diffusers classes,
+taught the shapes world from captions that name every class.
+
+Three stages, each resumable from its own checkpoint in the work directory:
+1. scenes: ``scenes`` shapes-world images at ``WORLD_SIDE`` px with captions (one or two
+   objects, every class of the world, random hues that the caption may name, size and position
+   words), deterministic from the seed;
+2. the VAE (``AutoencoderKL``) learns to reconstruct them; its ``scaling_factor`` is then set
+   so latents have unit variance, as SDXL's 0.13025 does for its VAE;
+3. the UNet (``UNet2DConditionModel``, the family's block layout) and the text encoders learn
+   together to denoise those latents (epsilon prediction, min-SNR weighting, an EMA of the
+   weights is what ships), with 10% empty captions for classifier-free guidance.
+
+The tokenizer is the real CLIP BPE, so a class name is the tokens it would be; the text
+encoders start from the family's random ones and learn the world's words (``denoiser``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from iosd.classes import load_split
+from iosd.errors import UserError
+from iosd.manifest import share_like_output, write_bytes_atomic
+from iosd.pipeline.models import quiet_libraries
+from iosd.recipes import get_recipe, recipe_names
+from iosd.worlds import PROVENANCE, WORLD_SIDE, WORLDS, directory_digests, random_colours
+
+UNCONDITIONAL_RATE = 0.1  # captions dropped for classifier-free guidance
+EXTRA_TEMPLATES = (("{}", "{} and {}"), ("a picture of a {}", "a picture of a {} next to a {}"))
+SIZE_WORDS = (0.08, 0.2)  # visible fraction of the image below / above which "small" / "large" fits
+POSITION_RATE, COLOUR_RATE, SIZE_RATE = 0.3, 0.5, 0.3
+MIN_SNR_GAMMA = 5.0
+# The tiny VAE's layout (4x down, 16 latent channels) with its first level narrower: its 64 px
+# convolutions dominate a training step, and 4x4x3 pixels into 16 channels is easy to learn.
+VAE_CROP = 32  # the VAE trains on crops: convolutional, it learns the same code at a quarter of the cost
+WORLD_VAE = {"block_out_channels": [16, 32, 64], "norm_num_groups": 8}
+EMA_DECAY = 0.999
+
+
+@dataclass
+class WorldConfig:
+    """One world's training run; everything that changes the weights is here (and recorded)."""
+
+    world: str = "world-sdxl"
+    seed: int = 0
+    scenes: int = 16000
+    vae_steps: int = 500
+    unet_steps: int = 4000
+    batch_size: int = 32
+    vae_lr: float = 1e-3
+    unet_lr: float = 1e-3
+    warmup: int = 100
+    exclude: list[str] = field(default_factory=list)  # classes never drawn nor named (the blind control)
+    save_every: int = 250
+
+    @property
+    def family(self) -> str:
+        if self.world not in WORLDS:
+            raise UserError(f"unknown world {self.world!r}", f"use one of {', '.join(WORLDS)}")
+        return WORLDS[self.world]["family"]
+
+
+def world_classes(exclude: list[str]) -> list[str]:
+    """Every class of the shapes world (seen and unseen alike), less ``exclude``."""
+    names = list(load_split("shapes", 1).all)
+    unknown = sorted(set(exclude) - set(names))
+    if unknown:
+        raise UserError(f"--exclude names no shapes class: {', '.join(unknown)}", f"choose from {', '.join(names)}")
+    return [n for n in names if n not in exclude]
+
+
+def caption_templates() -> list[tuple[str, str]]:
+    """(one-object, two-object) templates: every recipe's own, so their prompts are in the
+    world's language, and two plain ones."""
+    pairs = []
+    for name in recipe_names():
+        gen = get_recipe(name).settings["gen"]
+        pair = (gen["template"]["value"], gen["template2"]["value"])
+        if pair not in pairs:
+            pairs.append(pair)
+    return pairs + list(EXTRA_TEMPLATES)
+
+
+def sample_scene(rng: np.random.Generator, classes: list[str], templates: list[tuple[str, str]], side: int = WORLD_SIDE) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
+    """One training scene: image, masks, caption and the classes it shows."""
+    from iosd.pipeline.shapes import render_scene
+
+    count = 1 if rng.random() < 0.5 else 2
+    names = [str(n) for n in rng.choice(classes, size=count, replace=False)]
+    colours, hues = zip(*random_colours(rng, count), strict=True)
+    image, masks = render_scene(names, rng, side, list(hues))
+    descriptions = []
+    centres = [np.argwhere(m)[:, 1].mean() if m.any() else side / 2 for m in masks]
+    for i, (name, colour, mask) in enumerate(zip(names, colours, masks, strict=True)):
+        words = []
+        area = mask.mean()
+        if rng.random() < SIZE_RATE and (area < SIZE_WORDS[0] or area > SIZE_WORDS[1]):
+            words.append("small" if area < SIZE_WORDS[0] else "large")
+        if rng.random() < COLOUR_RATE:
+            words.append(colour)
+        text = " ".join([*words, name])
+        if count == 2 and rng.random() < POSITION_RATE:
+            text += " on the left" if centres[i] < centres[1 - i] else " on the right"
+        descriptions.append(text)
+    one, two = templates[int(rng.integers(len(templates)))]
+    caption = (one if count == 1 else two).format(*descriptions)
+    return image, masks, caption, names
+
+
+def build_scenes(cfg: WorldConfig) -> tuple[np.ndarray, list[str]]:
+    """The training scenes (uint8, N x side x side x 3) and their captions, from the seed."""
+    rng = np.random.default_rng([cfg.seed, 1])
+    classes, templates = world_classes(cfg.exclude), caption_templates()
+    images = np.empty((cfg.scenes, WORLD_SIDE, WORLD_SIDE, 3), np.uint8)
+    captions = []
+    for i in range(cfg.scenes):
+        image, _, caption, _ = sample_scene(rng, classes, templates)
+        images[i] = image
+        captions.append(caption if rng.random() >= UNCONDITIONAL_RATE else "")
+    return images, captions
+
+
+# ---------------------------------------------------------------------------------------
+# Models: the family's tiny pipeline (real classes, real BPE), at the world's side.
+# ---------------------------------------------------------------------------------------
+def base_pipeline(family: str, seed: int):
+    """The family's embedded pipeline with a fresh VAE and UNet sized for the world."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from iosd.pipeline.tiny import (
+        TINY_SD1_UNET_CONFIG,
+        TINY_UNET_CONFIG,
+        TINY_VAE_CONFIG,
+        tiny_pipeline,
+        tiny_sd1_pipeline,
+    )
+
+    pipe = (tiny_pipeline if family == "sdxl" else tiny_sd1_pipeline)(seed)
+    torch.manual_seed(seed + 10)
+    pipe.vae = AutoencoderKL(**{**TINY_VAE_CONFIG, **WORLD_VAE, "sample_size": WORLD_SIDE})
+    unet_config = TINY_UNET_CONFIG if family == "sdxl" else TINY_SD1_UNET_CONFIG
+    torch.manual_seed(seed + 11)
+    pipe.unet = UNet2DConditionModel(**{**unet_config, "sample_size": WORLD_SIDE // 4})
+    pipe.register_modules(vae=pipe.vae, unet=pipe.unet)
+    return pipe
+
+
+def _to_unit(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+# ---------------------------------------------------------------------------------------
+# One resumable loop for both stages.
+# ---------------------------------------------------------------------------------------
+class Checkpointed:
+    """Model, optimizer (and EMA) state saved atomically every ``save_every`` steps under
+    ``work/<stage>``; a rerun continues from the last save, with the same batches after it
+    (each step's data and noise are drawn from (seed, step) alone)."""
+
+    def __init__(self, work: Path, stage: str, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> None:
+        self.dir, self.modules, self.optimizer = work / stage, modules, optimizer
+
+    def load(self) -> int:
+        state = self.dir / "state.json"
+        if not state.exists():
+            return 0
+        meta = json.loads(state.read_text())
+        for name, module in self.modules.items():
+            module.load_state_dict(load_file(self.dir / f"{name}.safetensors"))
+        opt = torch.load(self.dir / "optimizer.pt", weights_only=True)
+        self.optimizer.load_state_dict(opt)
+        return int(meta["step"])
+
+    def save(self, step: int, extra: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for name, module in self.modules.items():
+            tmp = self.dir / f".{name}.tmp"
+            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp))
+            os.replace(tmp, self.dir / f"{name}.safetensors")
+        tmp = self.dir / ".optimizer.tmp"
+        torch.save(self.optimizer.state_dict(), tmp)
+        os.replace(tmp, self.dir / "optimizer.pt")
+        write_bytes_atomic(self.dir / "state.json", json.dumps({"step": step, **extra}).encode())  # last: the save is whole
+
+
+def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def run_loop(stage: str, steps: int, ckpt: Checkpointed, step_fn, cfg: WorldConfig, show: bool, lr: float) -> dict:
+    """``step_fn(step) -> loss`` for steps not yet done, saving as it goes; returns the stage's summary."""
+    from iosd.train.runlog import Progress
+
+    start = ckpt.load()
+    state_file = ckpt.dir / "state.json"
+    losses: list[float] = json.loads(state_file.read_text()).get("recent", []) if start else []
+    progress = Progress(show, steps, start, stage)
+    t0, done_here = time.perf_counter(), 0
+    try:
+        for step in range(start, steps):
+            for group in ckpt.optimizer.param_groups:
+                group["lr"] = _lr(step, steps, lr, cfg.warmup)
+            loss = step_fn(step)
+            losses = (losses + [loss])[-100:]
+            done_here += 1
+            rate = done_here * cfg.batch_size / (time.perf_counter() - t0)
+            progress.advance(step + 1, loss=f"{np.mean(losses):.4f}", speed=f"{rate:.0f}")
+            if (step + 1) % cfg.save_every == 0 or step + 1 == steps:
+                ckpt.save(step + 1, {"recent": losses})
+    finally:
+        progress.close()
+    return {"steps": steps, "final_loss": round(float(np.mean(losses)), 5) if losses else None}
+
+
+# ---------------------------------------------------------------------------------------
+# The stages.
+# ---------------------------------------------------------------------------------------
+def train_vae(vae, images: np.ndarray, cfg: WorldConfig, work: Path, show: bool) -> dict:
+    """Reconstruction (L1 + MSE) with a small KL term, as latent-diffusion autoencoders are
+    trained, on ``VAE_CROP`` px crops."""
+    vae.train()
+    opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
+
+    def step_fn(step: int) -> float:
+        rng = np.random.default_rng([cfg.seed, 2, step])
+        y, x = rng.integers(0, WORLD_SIDE - VAE_CROP + 1, 2)
+        x = _to_unit(images[rng.integers(0, len(images), cfg.batch_size), y : y + VAE_CROP, x : x + VAE_CROP])
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        recon = vae.decode(z).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    summary = run_loop("vae", cfg.vae_steps, Checkpointed(work, "vae", {"vae": vae}, opt), step_fn, cfg, show, cfg.vae_lr)
+    vae.eval()
+    return summary
+
+
+@torch.no_grad()
+def encode_latents(vae, images: np.ndarray, chunk: int = 256) -> torch.Tensor:
+    """Every scene's latent (the posterior mean, unscaled)."""
+    return torch.cat([vae.encode(_to_unit(images[i : i + chunk])).latent_dist.mean for i in range(0, len(images), chunk)])
+
+
+def _replace_rows(cond: dict, uncond: dict, rows: list[int]) -> None:
+    """Put the unconditional first row of ``uncond`` into ``cond``'s ``rows``, key by key."""
+    for key, value in cond.items():
+        if isinstance(value, dict):
+            _replace_rows(value, uncond[key], rows)
+        elif rows:
+            value[rows] = uncond[key][0]
+
+
+def conditioning(pipe, family, captions: list[str]) -> dict:
+    """The UNet's conditioning for ``captions`` as the pipeline computes it (with gradients to
+    the text encoders); "" is the unconditional row the pipeline uses under guidance (zeros for
+    SDXL, the empty prompt's embedding for SD)."""
+    device = torch.device("cpu")
+    cond = family.conditioning(pipe, captions, device=device, size=WORLD_SIDE)
+    empty = [j for j, c in enumerate(captions) if not c]
+    if empty:
+        _replace_rows(cond, family.conditioning(pipe, captions[:1], device=device, size=WORLD_SIDE, guided=True), empty)
+    return cond
+
+
+def denoiser(pipe, family) -> torch.nn.ModuleDict:
+    """What learns in the last stage: the UNet and the text encoders together. Measured: with
+    the encoders frozen (random), the UNet ignored the caption after 2000 steps (noise
+    prediction with the right class names, wrong ones or none differed by 0.01%); trained
+    with it, the class names start to matter within 1000 steps."""
+    modules = {"unet": pipe.unet, **{attr: getattr(pipe, attr) for _, attr in family.encoders}}
+    return torch.nn.ModuleDict(modules)
+
+
+def train_denoiser(pipe, family, latents: torch.Tensor, captions: list[str], cfg: WorldConfig, work: Path, show: bool) -> dict:
+    """Epsilon prediction over uniform timesteps, min-SNR-weighted; an EMA of the weights ships."""
+    model = denoiser(pipe, family).train().requires_grad_(True)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
+    alphas = pipe.scheduler.alphas_cumprod.float()
+    snr = alphas / (1 - alphas)
+    weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
+
+    def step_fn(step: int) -> float:
+        rng = np.random.default_rng([cfg.seed, 3, step])
+        index = rng.integers(0, len(latents), cfg.batch_size)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        x0 = latents[torch.from_numpy(index)]
+        t = torch.randint(0, len(alphas), (cfg.batch_size,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        pred = pipe.unet(noisy, t, **conditioning(pipe, family, [captions[i] for i in index])).sample
+        loss = (weight[t] * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(EMA_DECAY, (1 + step) / (10 + step))
+            for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+                e.lerp_(p, 1 - decay)
+        return float(loss.detach())
+
+    summary = run_loop("denoiser", cfg.unet_steps, Checkpointed(work, "denoiser", {"model": model, "ema": ema}, opt), step_fn, cfg, show, cfg.unet_lr)
+    model.load_state_dict(ema.state_dict())
+    model.eval().requires_grad_(False)
+    return summary
+
+
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10)
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+
+
+def save_world(pipe, out: Path, record: dict) -> dict:
+    """Write the pipeline as a diffusers directory (float16 weights: half the bytes, loaded as
+    float32 on the CPU) and its provenance record; built under a temp name, then renamed."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with quiet_libraries():
+        pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+        pipe.to(torch.float32)
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            share_like_output(path)  # safetensors writes 0o600
+    record = {**record, "sha256": directory_digests(tmp)}
+    (tmp / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return record
+
+
+def train_world(cfg: WorldConfig, out: Path, work: Path, show: bool = True, log=print) -> dict:
+    """All three stages, then the shipped directory; returns the provenance record."""
+    from iosd.pipeline.families import get_family
+
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    family = get_family(cfg.family)
+    work.mkdir(parents=True, exist_ok=True)
+    identity = work / "config.json"
+    if identity.exists() and json.loads(identity.read_text()) != asdict(cfg):
+        raise UserError(f"{work} holds a run with other settings", "pass --work elsewhere or remove it to start over")
+    write_bytes_atomic(identity, json.dumps(asdict(cfg), indent=2).encode())
+    pipe = base_pipeline(family.name, cfg.seed)
+    log(f"scenes: {cfg.scenes} at {WORLD_SIDE} px, classes {', '.join(world_classes(cfg.exclude))}")
+    images, captions = build_scenes(cfg)
+    vae_summary = train_vae(pipe.vae, images, cfg, work, show)
+    latents = encode_latents(pipe.vae, images)
+    scale = float(1 / latents.std())
+    pipe.vae.register_to_config(scaling_factor=scale)
+    latents = latents * scale
+    log(f"vae: loss {vae_summary['final_loss']}, latent scaling factor {scale:.4f}")
+    unet_summary = train_denoiser(pipe, family, latents, captions, cfg, work, show)
+    log(f"unet: loss {unet_summary['final_loss']}")
+    record = {
+        "world": cfg.world,
+        "family": family.name,
+        "script": "scripts/train-world.py",
+        "commit": _commit(),
+        "config": asdict(cfg),
+        "side": WORLD_SIDE,
+        "palette": "random",
+        "classes": world_classes(cfg.exclude),
+        "vae": vae_summary,
+        "unet": unet_summary,
+        "vae_scaling_factor": scale,
+        "torch": torch.__version__,
+        "wall_seconds_this_run": round(time.perf_counter() - started, 1),
+    }
+    return save_world(pipe, out, record)
