@@ -82,7 +82,7 @@ def layer_shapes(family, paths: tuple[str, ...], resolution: int = 512, *, halve
     """(C, H, W) of each layer of a family's real UNet at ``resolution`` px, with no weights.
 
     The UNet is built on the meta device from the family's config (or ``config``), so the
-    feature presets' costs can be stated (README, bench/presets.py) and tested without a
+    feature presets' costs can be stated (docs/recipes.md, bench/presets.py) and tested without a
     download or a GPU. With ``halves="both"`` the probe runs a guidance batch, so channels
     come out doubled as they are stored.
     """

@@ -10,7 +10,7 @@
 
 Every step resumes: rerunning the same command skips what is done. With random weights the
 head's features know nothing about unseen classes, so the synth row shows what the machinery
-carries, not what the real SDXL-Turbo system would reach (README: what the demo shows).
+carries, not what the real SDXL-Turbo system would reach (docs/cpu-world.md).
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ def test_presets_exist_in_the_tiny_unet_of_their_family(tiny_loaded):
 
 
 def test_preset_and_recipe_costs_at_512px_on_the_real_unet_layouts():
-    """The README's bytes-per-sample tables, measured on the real UNets built on the meta device."""
+    """The bytes-per-sample tables of docs/recipes.md, measured on the real UNets built on the meta device."""
     from iosd.pipeline.capture import preset_shapes, recipe_shapes
 
     def megabytes(shapes):
