@@ -91,9 +91,15 @@ class ShardSetWriter:
             try:
                 old = check_schema(json.loads(manifest_path.read_text()), str(manifest_path))
             except json.JSONDecodeError:
-                raise UserError(f"{manifest_path} is corrupt", "pass --overwrite to regenerate, or another --out") from None
-            if old.get("identity") != self.header["identity"]:
                 if not self.overwrite:
+                    raise UserError(f"{manifest_path} is corrupt", "pass --overwrite to regenerate, or another --out") from None
+                old = None  # --overwrite replaces a damaged manifest like any other
+            except UserError:
+                if not self.overwrite:
+                    raise
+                old = None
+            if old is None or old.get("identity") != self.header["identity"]:
+                if not self.overwrite:  # old is a valid manifest here: a damaged one raised above
                     diff = sorted(k for k in set(old.get("identity", {})) | set(self.header["identity"]) if old.get("identity", {}).get(k) != self.header["identity"].get(k))
                     raise UserError(f"{self.out} was generated with a different config (differs in: {', '.join(diff)})", "pass --overwrite to replace it, or choose another --out")
                 self._clear()
