@@ -10,6 +10,7 @@ import click
 
 from iosd.errors import UserError, user_errors
 from iosd.recipes import recipe_names
+from iosd.verbosity import verbose_option
 
 RECIPES = ", ".join(recipe_names())
 
@@ -83,6 +84,7 @@ def _protocol(info: dict, recipe: str | None, given: dict):
 @click.option("--device", default="auto")
 @click.option("--runs", "runs_root", default="runs", help="where a bare iosd-eval looks for the latest run")
 @click.option("--quiet", is_flag=True)
+@verbose_option
 @user_errors
 def main(recipe, show_config, checkpoint, classes, split, test_shards, images_per_class, objects, gt_min_score, threshold, report_dir, batch_size, device, runs_root, quiet) -> None:
     """Score a head (and the DAAM baseline) on generated images of every seen and unseen class
@@ -94,6 +96,8 @@ def main(recipe, show_config, checkpoint, classes, split, test_shards, images_pe
     from iosd.evaluate.testset import check_compatible, ensure_test_shards
     from iosd.manifest import read_manifest
     from iosd.pipeline.models import pick_device
+    from iosd.prechecks import check_writable
+    from iosd.progress import stage_progress
     from iosd.schema import MANIFEST_NAME
     from iosd.train.checkpoint import load_head
 
@@ -117,6 +121,8 @@ def main(recipe, show_config, checkpoint, classes, split, test_shards, images_pe
     split_ = _check_split(info, classes, split)
     if report_dir is not None:
         writable_dir(report_dir)
+    else:  # RUN/eval-<test set>, written after scoring: refused now, before any model loads
+        check_writable(run, "--report")
     test_dir = _labelled_test_set(test_shards, objects) or ensure_test_shards(info, test_shards, images_per_class, objects, dev, quiet)
     manifest = read_manifest(test_dir)
     if manifest.get("subset") not in (None, "all") and not quiet:
@@ -124,14 +130,8 @@ def main(recipe, show_config, checkpoint, classes, split, test_shards, images_pe
     check_compatible(info, manifest, split_, test_dir)
     layers = [p for p, _ in info["layout"]["layers"]]
     total = manifest["counts"]["written"]
-    if quiet:
-        scores = score(head, test_dir, [s["name"] for s in manifest["shards"]], layers, gt_min_score=gt_min_score, threshold=threshold, batch_size=batch_size, device=dev)
-    else:
-        from rich.progress import Progress
-
-        with Progress(console=console) as bar:
-            task = bar.add_task("scoring", total=total)
-            scores = score(head, test_dir, [s["name"] for s in manifest["shards"]], layers, gt_min_score=gt_min_score, threshold=threshold, batch_size=batch_size, device=dev, progress=lambda n: bar.advance(task, n))
+    with stage_progress(not quiet, total, str(test_dir), "scoring", console=console) as advance:  # a bar on a terminal, plain lines in a log
+        scores = score(head, test_dir, [s["name"] for s in manifest["shards"]], layers, gt_min_score=gt_min_score, threshold=threshold, batch_size=batch_size, device=dev, progress=advance)
     results = {m: acc.summary(split_.seen, split_.unseen) for m, acc in scores.methods.items()}
     groups = scores.group_results(split_.seen, split_.unseen)
     provenance = {

@@ -24,6 +24,7 @@ def predict(run: Path, prompt: str | None, names: list[str], *, out: Path, image
     from iosd.pipeline.models import encode_images
     from iosd.pipeline.sources import diffuse, renoised_pass
     from iosd.pipeline.text import QuerySpec, class_embeddings
+    from iosd.prechecks import check_generation
     from iosd.train.checkpoint import load_head
     from iosd.viz import overlay, save_png_atomic
 
@@ -36,6 +37,7 @@ def predict(run: Path, prompt: str | None, names: list[str], *, out: Path, image
     gen = info.get("generation") or {}
     if not gen:
         raise UserError(f"{run} does not record the model its shards came from", "retrain with this iosd")
+    check_generation(gen, teacher=False)  # iosd-predict runs no teacher
     loaded = load_configured(gen, device)
     head = head.to(loaded.device)
     size = int(gen["resolution"])

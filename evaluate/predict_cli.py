@@ -10,6 +10,8 @@ import click
 import numpy as np
 
 from iosd.errors import UserError, user_errors
+from iosd.prechecks import check_class_names, check_writable
+from iosd.verbosity import verbose_option
 
 
 def _load_image(path: Path, size: int) -> np.ndarray:
@@ -34,6 +36,7 @@ def _load_image(path: Path, size: int) -> np.ndarray:
 @click.option("--threshold", type=float, default=0.5, help="sigmoid threshold")
 @click.option("--device", default="auto")
 @click.option("--runs", "runs_root", default="runs")
+@verbose_option
 @user_errors
 def main(prompt, checkpoint, class_list, image_path, out, seed, threshold, device, runs_root) -> None:
     """Generate an image for PROMPT with the checkpoint's model and write one mask per class."""
@@ -45,6 +48,10 @@ def main(prompt, checkpoint, class_list, image_path, out, seed, threshold, devic
     names = [n.strip() for n in class_list.split(",")]
     if any(not n for n in names):
         raise UserError(f"--classes {class_list!r} has an empty class name", 'pass names separated by commas, e.g. "cat,dog"')
+    check_class_names(names)
+    check_writable(out)
+    if image_path is not None and not Path(image_path).is_file():
+        raise UserError(f"--image {image_path} does not exist", "pass a PNG or JPEG file")
     if prompt is None and image_path is None:
         raise UserError("nothing to segment: no PROMPT and no --image", 'give a prompt, e.g. "a photograph of a cat", or --image FILE')
     if not 0 < threshold < 1:

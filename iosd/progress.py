@@ -160,14 +160,14 @@ class stage_progress:
     """``with stage_progress(show, total, label, stage) as advance: advance(n=1)``; ``advance`` is
     None when not shown, so callers skip the call."""
 
-    def __init__(self, show: bool, total: int, label: str, stage: str, console: Console | None = None) -> None:
-        self.show, self.total, self.label, self.stage, self.console = show, total, label, stage, console
+    def __init__(self, show: bool, total: int, label: str, stage: str, console: Console | None = None, unit: str = "") -> None:
+        self.show, self.total, self.label, self.stage, self.console, self.unit = show, total, label, stage, console, unit
         self.reporter: Reporter | None = None
 
     def __enter__(self) -> Callable[..., None] | None:
         if not self.show:
             return None
-        self.reporter = open_progress(self.stage, self.label, self.total, console=self.console)
+        self.reporter = open_progress(self.stage, self.label, self.total, unit=self.unit, console=self.console)
         return lambda n=1: self.reporter.update(advance=n)
 
     def __exit__(self, *exc) -> None:

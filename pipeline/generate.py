@@ -54,6 +54,12 @@ from iosd.pipeline.text import (
 )
 from iosd.pipeline.tiny import TINY_RESOLUTION
 from iosd.pipeline.writer import ShardSetWriter
+from iosd.prechecks import (
+    check_class_names,
+    check_layers_family,
+    check_teacher_files,
+    check_writable,
+)
 from iosd.progress import stage_progress
 from iosd.quantize import check_feature_dtype
 from iosd.recipes import CPU_STAND_INS, HALVES, SCHEDULERS, Resolved, default_recipe, resolve
@@ -198,7 +204,17 @@ class GenConfig:
         self.query_spec_of(c)
         resolve_layers(c.layers)
         check_projection_options(c)
+        c.prechecks()
         return c
+
+    def prechecks(self) -> None:
+        """The checks that need no model, before any loads (iosd.prechecks): class names, the
+        layer preset of a model known by name, the teacher's files, and --out."""
+        check_class_names(load_split(self.classes, self.split).all, f"--classes {self.classes}")
+        check_layers_family(self.layers, self.model)
+        if source_kind(self.source) not in IMAGE_SOURCES and not self.tiny_teacher:
+            check_teacher_files(self.teacher_config, self.teacher_checkpoint)
+        check_writable(self.out, "--out" if self.stream == "train" else "--test-shards")
 
     @staticmethod
     def query_spec_of(c: GenConfig) -> QuerySpec:

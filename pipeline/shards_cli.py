@@ -22,6 +22,7 @@ from rich.progress import (
 from rich.table import Table
 
 from iosd.errors import user_errors
+from iosd.progress import live_bar_fits, progress_console, stage_progress
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 
@@ -41,10 +42,15 @@ def verify(directory: Path, quiet: bool) -> None:
     from iosd.pipeline import verify as shardcheck  # here, not at the top: --help stays instant
 
     total = shardcheck.bytes_to_read(directory)
-    columns = (TextColumn("hashing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=quiet, transient=True) as bar:
-        task = bar.add_task("verify", total=total)
-        report = shardcheck.verify_shards(directory, progress=lambda n: bar.advance(task, n))
+    console = progress_console()
+    if quiet or not live_bar_fits(console):  # iosd.progress decides: plain lines in a log, or nothing
+        with stage_progress(not quiet, total, f"hashing {directory}", "verify", console=console, unit="bytes") as advance:
+            report = shardcheck.verify_shards(directory, progress=advance)
+    else:  # a terminal: the byte bar (size, speed) that redraws in place
+        columns = (TextColumn("hashing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task("verify", total=total)
+            report = shardcheck.verify_shards(directory, progress=lambda n: bar.advance(task, n))
     out = Console(highlight=False, soft_wrap=True)
     for problem in report.problems:
         out.print(problem.line(), markup=False)

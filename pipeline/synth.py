@@ -33,6 +33,7 @@ from iosd.manifest import sha256_file, write_json_atomic
 from iosd.pipeline.export import Labelled, make_export
 from iosd.pipeline.prompts import GD_TEMPLATE, GD_TEMPLATE_2, OBJECTS, PromptSpec, make_prompt
 from iosd.pipeline.quality import Limits, judge_mask, summarise
+from iosd.prechecks import check_class_names, check_generation, check_writable
 from iosd.progress import stage_progress
 
 SYNTH_STREAM = 2  # seeds apart from iosd-gen's training (0) and test (1) streams
@@ -99,6 +100,7 @@ class SynthConfig:
             raise UserError(f"--threshold {self.threshold} is outside (0, 1)", "pass e.g. 0.5")
         if not self.classes:
             raise UserError("no class to synthesize", 'pass --classes "unicorn,lion dance"')
+        check_class_names(self.classes)
         self.limits()
         return self
 
@@ -187,6 +189,8 @@ class Synthesizer:
         self.identity = cfg.identity(self.weights)
         self.out = Path(cfg.out)
         check_out(self.out, self.identity)  # before any model is loaded: a bad --out costs nothing
+        check_writable(self.out)
+        check_generation(self.gen, teacher=self.source != "shapes" and cfg.min_agreement is not None)
         spec = PromptSpec(cfg.objects, self.gen.get("template") or GD_TEMPLATE, self.gen.get("template2") or GD_TEMPLATE_2).check()
         self.plan = Plan(list(cfg.classes), cfg.images_per_class, spec, cfg.seed)
         self.n_chunks = math.ceil(self.plan.total / cfg.chunk_size)

@@ -193,12 +193,11 @@ def _download(url: str) -> Path:
 
 
 def _local_checkpoint(checkpoint: str) -> Path:
-    if urlparse(checkpoint).scheme in ("http", "https"):
+    from iosd.prechecks import check_teacher_checkpoint, is_url
+
+    if is_url(checkpoint):
         return _download(checkpoint)
-    path = Path(checkpoint).expanduser()
-    if not path.is_file():
-        raise UserError(f"teacher checkpoint {checkpoint} does not exist", "pass --teacher-checkpoint PATH to an existing .pth file or an http(s) URL")
-    return path
+    return check_teacher_checkpoint(checkpoint)  # also checked before any model loads
 
 
 def _history_buffer_method(obj: Any, name: str) -> Any:
