@@ -4,6 +4,8 @@ setting, so the CLI sets it once and the model loader reads it without threading
 
 from __future__ import annotations
 
+import click
+
 _verbose = False
 
 
@@ -15,3 +17,12 @@ def set_verbose(on: bool) -> None:
 
 def is_verbose() -> bool:
     return _verbose
+
+
+# The one --verbose option of every command that loads a model: it sets the flag as it is
+# parsed (no parameter to thread through the command's function).
+verbose_option = click.option(
+    "--verbose", is_flag=True, expose_value=False, is_eager=True,
+    callback=lambda _ctx, _param, value: set_verbose(value),
+    help="also show the diffusion libraries' own loading bars and warnings",
+)

@@ -18,7 +18,7 @@ from iosd.errors import user_errors
 from iosd.layers import FEATURE_DTYPES, PRESETS
 from iosd.recipes import HALVES, SCHEDULERS, recipe_names
 from iosd.recipes import show_config as show_resolved
-from iosd.verbosity import set_verbose
+from iosd.verbosity import verbose_option
 
 RECIPES = ", ".join(recipe_names())
 
@@ -66,16 +66,15 @@ RECIPES = ", ".join(recipe_names())
 @click.option("--workers", type=int, default=2, help="threads that encode and compress samples")
 @click.option("--overwrite", is_flag=True, help="replace a shard set generated with a different config")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-@click.option("--verbose", is_flag=True, help="also show the diffusion libraries' own loading bars and warnings")
+@verbose_option
 @user_errors
-def main(show_config: bool, verbose: bool, **options) -> None:
+def main(show_config: bool, **options) -> None:
     """Generate training shards: prompts -> diffusion -> cached UNet features -> Mask R-CNN masks.
 
     Options marked [recipe] default to the recipe's value (--show-config lists them).
     """
     from iosd.pipeline.generate import GenConfig, generate
 
-    set_verbose(verbose)
     cfg = GenConfig(**options)
     if show_config:
         filled, resolved = cfg.with_recipe()

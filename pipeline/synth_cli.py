@@ -9,6 +9,7 @@ import click
 from iosd.errors import user_errors
 from iosd.export_layout import FORMATS
 from iosd.pipeline.prompts import OBJECTS
+from iosd.verbosity import verbose_option
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -28,6 +29,7 @@ from iosd.pipeline.prompts import OBJECTS
 @click.option("--batch", type=int, default=4, help="images per diffusion and head batch")
 @click.option("--chunk-size", type=int, default=16, help="images per chunk, the unit of resuming and of work per rank")
 @click.option("--quiet", is_flag=True, help="no progress bar")
+@verbose_option
 @user_errors
 def main(checkpoint, class_list, images_per_class, objects, fmt, out, min_confidence, min_agreement, min_area, max_area, threshold, seed, device, batch, chunk_size, quiet) -> None:
     """Generate images of the named classes with the checkpoint's model, segment them with its

@@ -118,3 +118,21 @@ def test_model_loading_silences_the_libraries_unless_verbose(capfd):
             assert (diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()) == before
     finally:
         set_verbose(False)
+
+
+def test_every_command_that_loads_a_model_takes_verbose():
+    """One --verbose (iosd.verbosity.verbose_option) on each command that loads a diffusion model;
+    parsing it sets the flag, and its absence clears it again."""
+    from iosd.evaluate.cli import main as eval_main
+    from iosd.evaluate.predict_cli import main as predict_main
+    from iosd.pipeline.cli import main as gen_main
+    from iosd.pipeline.synth_cli import main as synth_main
+    from iosd.verbosity import is_verbose
+
+    for command in (gen_main, eval_main, predict_main, synth_main):
+        option = next(p for p in command.params if p.name == "verbose")
+        ctx = command.make_context(command.name, ["--help"], resilient_parsing=True)
+        option.process_value(ctx, True)
+        assert is_verbose(), command.name
+        option.process_value(ctx, False)
+        assert not is_verbose(), command.name
