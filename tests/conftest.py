@@ -34,3 +34,20 @@ def shapes_set(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes") / "set"
     make_shapes_set(out)
     return out
+
+
+# A small iosd-lite head: enough to exercise the commands that read a checkpoint, not to learn.
+QUICK_TRAIN = ["--batch-size", "4", "--workers", "0", "--quiet", "--no-tensorboard", "--head-option", "d_model=64", "--head-option", "ffn=128", "--head-option", "visual_channels=[32,32,32]"]
+
+
+def make_tiny_run(root, steps: int):
+    """A head trained ``steps`` steps on 8 samples of a 64 px shapes-world set under ``root``."""
+    from click.testing import CliRunner
+
+    from iosd.train.cli import main as train_main
+
+    make_shapes_set(root / "set", resolution=64, num_samples=8, shard_size=4)
+    run = root / "run"
+    result = CliRunner().invoke(train_main, [str(root / "set"), "--steps", str(steps), "--out", str(run), *QUICK_TRAIN])
+    assert result.exit_code == 0, result.output
+    return run

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-from conftest import make_shapes_set
+from conftest import make_tiny_run
 
 from iosd.errors import UserError
 from iosd.evaluate.cli import main as eval_main
@@ -16,20 +16,12 @@ from iosd.pipeline.cli import main as gen_main
 from iosd.pipeline.synth_cli import main as synth_main
 from iosd.prechecks import check_class_names, check_layers_family, check_writable, stand_in_family
 from iosd.train.checkpoint import CHECKPOINT_NAME
-from iosd.train.cli import main as train_main
-
-QUICK_TRAIN = ["--batch-size", "4", "--workers", "0", "--quiet", "--no-tensorboard", "--head-option", "d_model=64", "--head-option", "ffn=128", "--head-option", "visual_channels=[32,32,32]"]
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A head trained a few steps on a small 64 px shapes-world set (made before any patching)."""
-    root = tmp_path_factory.mktemp("prechecks")
-    make_shapes_set(root / "set", resolution=64, num_samples=8, shard_size=4)
-    run = root / "run"
-    result = CliRunner().invoke(train_main, [str(root / "set"), "--steps", "2", "--out", str(run), *QUICK_TRAIN])
-    assert result.exit_code == 0, result.output
-    return run
+    return make_tiny_run(tmp_path_factory.mktemp("prechecks"), steps=2)
 
 
 @pytest.fixture

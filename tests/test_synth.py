@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import make_shapes_set
+from conftest import QUICK_TRAIN, make_tiny_run
 from PIL import Image
 
 from iosd.export_layout import COCO_ANNOTATIONS, COCO_IMAGES, IGNORE_ID, PARTS, PREVIEW, REPORT
@@ -29,7 +29,6 @@ from iosd.train.checkpoint import CHECKPOINT_NAME
 from iosd.train.cli import main as train_main
 
 CLASSES = "disc,star,heart"
-QUICK_TRAIN = ["--batch-size", "4", "--workers", "0", "--quiet", "--no-tensorboard", "--head-option", "d_model=64", "--head-option", "ffn=128", "--head-option", "visual_channels=[32,32,32]"]
 
 
 def synth(run, out, *args) -> object:
@@ -48,12 +47,7 @@ def report(out) -> dict:
 @pytest.fixture(scope="module")
 def head_run(tmp_path_factory):
     """A tiny iosd-lite head trained a few steps on a small 64 px shapes-world set (cheap to make)."""
-    root = tmp_path_factory.mktemp("synth")
-    make_shapes_set(root / "set", resolution=64, num_samples=8, shard_size=4)
-    run = root / "run"
-    result = CliRunner().invoke(train_main, [str(root / "set"), "--steps", "6", "--out", str(run), *QUICK_TRAIN])
-    assert result.exit_code == 0, result.output
-    return run
+    return make_tiny_run(tmp_path_factory.mktemp("synth"), steps=6)
 
 
 @pytest.fixture(scope="module")
