@@ -459,6 +459,8 @@ class Generator:
         t0 = time.perf_counter()
         self.loaded: LoadedModel = load_configured(asdict(self.cfg), self.cfg.device)
         self.times.add("load", time.perf_counter() - t0)
+        if self.loaded.dtype == torch.float32 and self.cfg.model not in CPU_STAND_INS and not self.cfg.quiet and self.rank == 0:
+            _note(f"{self.cfg.model} runs in float32 on {self.loaded.device} (float16 UNet and text encoders need CUDA; the VAE stays float32 everywhere)")
         self.teacher = self._teacher()
         if self.teacher is not None:
             self.teacher.check_classes(list(self.split.subset(self.cfg.subset)))

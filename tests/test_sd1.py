@@ -208,3 +208,18 @@ def test_directories_that_are_not_pipelines_are_refused(tmp_path):
 
 def test_tiny_sdxl_still_loads_as_sdxl(tiny_loaded):
     assert tiny_loaded.family == "sdxl" and tiny_loaded.info["family"] == "sdxl"
+
+
+def test_a_saved_pipeline_loads_quietly_and_says_its_precision_once(sd1, tmp_path):
+    """The libraries' loading bars and warnings are silenced; iosd says what matters itself."""
+    from click.testing import CliRunner
+
+    from iosd.pipeline.cli import main as gen_main
+
+    sd1.pipe.save_pretrained(tmp_path / "sd1")
+    args = ["--model", str(tmp_path / "sd1"), "--recipe", "gd", "--classes", "shapes", "--source", "shapes", "--resolution", "64",
+            "--num-samples", "2", "--shard-size", "2", "--batch-size", "2", "--out", str(tmp_path / "set")]
+    result = CliRunner().invoke(gen_main, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("runs in float32 on cpu") == 1, result.output
+    assert "Loading pipeline components" not in result.output and "kept in float32" not in result.output, result.output
