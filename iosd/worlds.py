@@ -11,13 +11,13 @@ where they live, what their world looks like and how they are verified.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from importlib import resources
 from pathlib import Path
 
 from iosd.errors import UserError
+from iosd.manifest import sha256_file
 
 PROVENANCE = "world.json"  # in each world directory; not itself hashed
 # Shipped with the package; IOSD_WORLDS_DIR points elsewhere (a retrained or blind world).
@@ -50,17 +50,9 @@ def world_dir(name: str) -> Path:
     return WORLDS_DIR / name
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def directory_digests(root: Path) -> dict[str, str]:
     """sha256 of every file under ``root`` (relative POSIX paths), the provenance record aside."""
-    return {p.relative_to(root).as_posix(): file_digest(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != PROVENANCE}
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != PROVENANCE}
 
 
 def verify_world(name: str, root: Path | None = None) -> dict:
@@ -87,7 +79,3 @@ def verify_world(name: str, root: Path | None = None) -> dict:
         raise UserError(f"{root / extra[0]} is not part of the trained world {name!r}", fix)
     return record
 
-
-def world_of(info: dict) -> dict | None:
-    """The world spec a loaded model carries (``LoadedModel.info["world"]``), or None."""
-    return info.get("world")
