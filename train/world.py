@@ -17,6 +17,7 @@ encoders start from the family's random ones and learn the world's words (``deno
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -46,6 +47,7 @@ POSITION_RATE, COLOUR_RATE, SIZE_RATE = 0.3, 0.5, 0.3
 MIN_SNR_GAMMA = 5.0
 # The tiny VAE's layout (4x down, 16 latent channels) with its first level narrower: its 64 px
 # convolutions dominate a training step, and 4x4x3 pixels into 16 channels is easy to learn.
+LATENT_DOWN = 4  # the world VAE's pixels per latent cell
 VAE_CROP = 32  # the VAE trains on crops: convolutional, it learns the same code at a quarter of the cost
 WORLD_VAE = {"block_out_channels": [16, 32, 64], "norm_num_groups": 8}
 EMA_DECAY = 0.999
@@ -66,6 +68,7 @@ class WorldConfig:
     warmup: int = 100
     exclude: list[str] = field(default_factory=list)  # classes never drawn nor named (the blind control)
     save_every: int = 250
+    grounding: float = 0.1  # weight of the token grounding loss (train/grounding.py); 0: captions alone
 
     @property
     def family(self) -> str:
@@ -121,17 +124,32 @@ def sample_scene(rng: np.random.Generator, classes: list[str], templates: list[t
     return image, masks, caption, names
 
 
-def build_scenes(cfg: WorldConfig) -> tuple[np.ndarray, list[str]]:
-    """The training scenes (uint8, N x side x side x 3) and their captions, from the seed."""
+@dataclass
+class Scenes:
+    """The training scenes, from the seed: images (uint8, N x side x side x 3), captions ("" for
+    the unconditional ones), and each scene's class names with their masks at the latent side."""
+
+    images: np.ndarray
+    captions: list[str]
+    names: list[list[str]]
+    masks: list[np.ndarray]  # float16 (objects, side/4, side/4): the visible fraction of each latent cell
+
+
+def build_scenes(cfg: WorldConfig) -> Scenes:
     rng = np.random.default_rng([cfg.seed, 1])
     classes, templates = world_classes(cfg.exclude), caption_templates()
     images = np.empty((cfg.scenes, WORLD_SIDE, WORLD_SIDE, 3), np.uint8)
-    captions = []
+    captions, names, masks = [], [], []
+    cell = WORLD_SIDE // LATENT_DOWN
     for i in range(cfg.scenes):
-        image, _, caption, _ = sample_scene(rng, classes, templates)
+        image, scene_masks, caption, scene_names = sample_scene(rng, classes, templates)
         images[i] = image
-        captions.append(caption if rng.random() >= UNCONDITIONAL_RATE else "")
-    return images, captions
+        kept = rng.random() >= UNCONDITIONAL_RATE
+        captions.append(caption if kept else "")
+        names.append(scene_names if kept else [])
+        pooled = scene_masks.reshape(len(scene_masks), cell, LATENT_DOWN, cell, LATENT_DOWN).mean(axis=(2, 4))
+        masks.append(pooled.astype(np.float16))
+    return Scenes(images, captions, names, masks)
 
 
 # ---------------------------------------------------------------------------------------
@@ -292,14 +310,28 @@ def denoiser(pipe, family) -> torch.nn.ModuleDict:
     return torch.nn.ModuleDict(modules)
 
 
-def train_denoiser(pipe, family, latents: torch.Tensor, captions: list[str], cfg: WorldConfig, work: Path, show: bool) -> dict:
-    """Epsilon prediction over uniform timesteps, min-SNR-weighted; an EMA of the weights ships."""
+def name_spans(tokenizer, scenes: Scenes) -> list[list[tuple[int, int]]]:
+    """Each scene's class names as token spans of its caption (the first tokenizer's positions,
+    which SDXL's second shares)."""
+    from iosd.pipeline.text import find_token_span
+
+    return [[find_token_span(tokenizer, caption, name) for name in names] for caption, names in zip(scenes.captions, scenes.names, strict=True)]
+
+
+def train_denoiser(pipe, family, latents: torch.Tensor, scenes: Scenes, cfg: WorldConfig, work: Path, show: bool) -> dict:
+    """Epsilon prediction over uniform timesteps, min-SNR-weighted, plus ``cfg.grounding`` times
+    the token grounding loss (train/grounding.py); an EMA of the weights ships."""
+    from iosd.train import grounding
+
+    captions = scenes.captions
     model = denoiser(pipe, family).train().requires_grad_(True)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
     alphas = pipe.scheduler.alphas_cumprod.float()
     snr = alphas / (1 - alphas)
     weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
+    spans = name_spans(pipe.tokenizer, scenes) if cfg.grounding else None
+    token_losses: list[float] = []
 
     def step_fn(step: int) -> float:
         rng = np.random.default_rng([cfg.seed, 3, step])
@@ -310,8 +342,15 @@ def train_denoiser(pipe, family, latents: torch.Tensor, captions: list[str], cfg
         noise = torch.randn(x0.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        if store is not None:
+            store.clear()
         pred = pipe.unet(noisy, t, **conditioning(pipe, family, [captions[i] for i in index])).sample
         loss = (weight[t] * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        if store is not None:
+            grounded = grounding.token_loss(store, [spans[i] for i in index], [torch.from_numpy(scenes.masks[i]).float() for i in index])
+            token_losses.append(float(grounded.detach()))
+            loss = loss + cfg.grounding * grounded
+            store.clear()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -322,18 +361,26 @@ def train_denoiser(pipe, family, latents: torch.Tensor, captions: list[str], cfg
                 e.lerp_(p, 1 - decay)
         return float(loss.detach())
 
-    summary = run_loop("denoiser", cfg.unet_steps, Checkpointed(work, "denoiser", {"model": model, "ema": ema}, opt), step_fn, cfg, show, cfg.unet_lr)
+    ckpt = Checkpointed(work, "denoiser", {"model": model, "ema": ema}, opt)
+    with grounding.recording(pipe.unet) if cfg.grounding else contextlib.nullcontext() as store:
+        summary = run_loop("denoiser", cfg.unet_steps, ckpt, step_fn, cfg, show, cfg.unet_lr)
+    if token_losses:
+        summary["final_token_loss"] = round(float(np.mean(token_losses[-100:])), 5)
     model.load_state_dict(ema.state_dict())
     model.eval().requires_grad_(False)
     return summary
 
 
 def _commit() -> str | None:
+    """HEAD's hash, with "+dirty" when the training code differs from it (the record must not
+    claim a commit that did not produce the weights)."""
+    here = Path(__file__).parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10)
-        return out.stdout.strip() or None
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=here, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "train", "iosd", "pipeline", "scripts"], capture_output=True, text=True, cwd=here.parent, timeout=10).stdout.strip()
     except OSError:
         return None
+    return (head + ("+dirty" if dirty else "")) or None
 
 
 def save_world(pipe, out: Path, record: dict) -> dict:
@@ -372,14 +419,14 @@ def train_world(cfg: WorldConfig, out: Path, work: Path, show: bool = True, log=
     write_bytes_atomic(identity, json.dumps(asdict(cfg), indent=2).encode())
     pipe = base_pipeline(family.name, cfg.seed)
     log(f"scenes: {cfg.scenes} at {WORLD_SIDE} px, classes {', '.join(world_classes(cfg.exclude))}")
-    images, captions = build_scenes(cfg)
-    vae_summary = train_vae(pipe.vae, images, cfg, work, show)
-    latents = encode_latents(pipe.vae, images)
+    scenes = build_scenes(cfg)
+    vae_summary = train_vae(pipe.vae, scenes.images, cfg, work, show)
+    latents = encode_latents(pipe.vae, scenes.images)
     scale = float(1 / latents.std())
     pipe.vae.register_to_config(scaling_factor=scale)
     latents = latents * scale
     log(f"vae: loss {vae_summary['final_loss']}, latent scaling factor {scale:.4f}")
-    unet_summary = train_denoiser(pipe, family, latents, captions, cfg, work, show)
+    unet_summary = train_denoiser(pipe, family, latents, scenes, cfg, work, show)
     log(f"unet: loss {unet_summary['final_loss']}")
     record = {
         "world": cfg.world,
