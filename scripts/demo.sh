@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The whole loop on the embedded default, on a CPU: shapes world + tiny random-weight SDXL.
-# Shows the machinery and that the head learns; not the numbers of the real SDXL-Turbo system.
+# The whole loop on a CPU: the shapes world drawn by the trained world generator (world-sdxl,
+# iosd/data/worlds; docs/cpu-world.md). A head trained on the seen shapes segments unseen ones by
+# name, next to DAAM on the same generator; not the numbers of the real SDXL-Turbo system.
 set -euo pipefail
 DEMO=${IOSD_DEMO_DIR:-demo}
 SET=$DEMO/shards/shapes1
-# --model tiny is a CPU stand-in: it runs recipe "fast" (README: Recipes); the papers' recipes
-# (iosd, gd) need the real models and GPU hours.
-echo "== 1/4 training shards: shapes world, tiny SDXL, split 1 seen classes, recipe fast"
-iosd-gen --recipe fast --classes shapes --source shapes --model tiny --split 1 --num-samples ${IOSD_DEMO_SAMPLES:-800} --shard-size 100 --batch-size 16 --out "$SET"
+# --model world-sdxl is a CPU stand-in: it runs recipe "fast" (docs/recipes.md); the papers'
+# recipes (iosd, gd) need the real models and GPU hours.
+echo "== 1/4 training shards: shapes world, trained world-sdxl, split 1 seen classes, recipe fast"
+iosd-gen --recipe fast --classes shapes --source shapes --model ${IOSD_DEMO_MODEL:-world-sdxl} --split 1 --num-samples ${IOSD_DEMO_SAMPLES:-800} --shard-size 100 --batch-size 16 --out "$SET"
 iosd-shards verify "$SET"
 iosd-shards show "$SET" --n 12
 echo "== 2/4 train the recipe's head (iosd-lite) from the shards (no diffusion)"

@@ -94,3 +94,60 @@ def test_head_reaches_held_out_seen_miou(worlds, case, tmp_path, capsys):
     with capsys.disabled():  # the numbers belong in the CI log
         print(f"\n{case}: held-out seen mIoU {summary['val_seen_miou']:.3f}, unseen {summary['val_unseen_miou']:.3f}, {summary['step']} steps in {seconds:.0f} s")
     assert summary["val_seen_miou"] >= TARGETS.get(case, TARGET), summary
+
+
+# ---------------------------------------------------------------------------------------
+# The trained world (iosd/worlds.py): what only class semantics can give. Colour names no
+# class there, so a head trained on the seen classes' masks finds an unseen class by name only
+# through what the generator learned; DAAM reads the same generator's cross-attention.
+# ---------------------------------------------------------------------------------------
+WORLD_TRAIN = {"samples": 800, "steps": 600, "images_per_class": 10, "pairs_per_class": 6}
+HEAD_OVER_DAAM = 0.15  # unseen mIoU points (fractions) by which the head must beat DAAM
+UNSEEN_PAIR_FLOOR = 0.5  # per-class IoU of each unseen class on unseen+unseen prompts
+
+
+@pytest.fixture(scope="module")
+def world_run(tmp_path_factory):
+    """A `fast` head trained on the trained SDXL world's seen classes (one- and two-object prompts)."""
+    from iosd.worlds import PROVENANCE, world_dir
+
+    if not (world_dir("world-sdxl") / PROVENANCE).exists():
+        pytest.fail("the trained world is missing: python scripts/train-world.py --world world-sdxl")
+    root = tmp_path_factory.mktemp("trained-world")
+    train = root / "shapes1"
+    make_shapes_set(train, recipe="fast", model="world-sdxl", objects="mix", num_samples=WORLD_TRAIN["samples"], shard_size=100, batch_size=16)
+    run = root / "run"
+    result = CliRunner().invoke(train_main, [str(train), "--steps", str(WORLD_TRAIN["steps"]), "--out", str(run), "--quiet", "--no-tensorboard"])
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def _evaluate(run, objects: str, images: int, report) -> dict:
+    from iosd.evaluate.cli import main as eval_main
+
+    result = CliRunner().invoke(eval_main, ["--checkpoint", str(run), "--objects", objects, "--images-per-class", str(images), "--report", str(report), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return json.loads((report / "report.json").read_text())
+
+
+@pytest.mark.slow
+def test_trained_world_head_beats_daam_on_unseen_classes(world_run, tmp_path, capsys):
+    report = _evaluate(world_run, "1", WORLD_TRAIN["images_per_class"], tmp_path / "one")
+    head, daam = report["methods"]["head"], report["methods"]["daam"]
+    with capsys.disabled():
+        print(f"\ntrained world, one object: head {head['seen']['miou']:.3f} seen / {head['unseen']['miou']:.3f} unseen, DAAM {daam['seen']['miou']:.3f} / {daam['unseen']['miou']:.3f}")
+    assert head["unseen"]["miou"] >= daam["unseen"]["miou"] + HEAD_OVER_DAAM, (head["unseen"], daam["unseen"])
+
+
+# The target of issue 17, not yet met: with world-sdxl (seed 0, 2026-12-07) the head's per-class
+# IoU on unseen+unseen prompts is 0.32-0.45 (heart 0.45, hexagon 0.45, star 0.32): it still marks
+# both objects. Strict: the day it passes, the marker must go (and the README's claim change).
+@pytest.mark.xfail(strict=True, reason="world-sdxl does not yet tell two unseen classes apart (docs/cpu-world.md)")
+@pytest.mark.slow
+def test_trained_world_tells_two_unseen_classes_apart(world_run, tmp_path, capsys):
+    report = _evaluate(world_run, "2", WORLD_TRAIN["pairs_per_class"], tmp_path / "two")
+    pairs = report["groups"]["unseen+unseen"]["head"]["per_class"]
+    ious = {name: row["iou"] for name, row in pairs.items() if row["subset"] == "unseen"}
+    with capsys.disabled():
+        print(f"\ntrained world, unseen+unseen prompts: head IoU per class {ious}")
+    assert ious and min(ious.values()) >= UNSEEN_PAIR_FLOOR, ious

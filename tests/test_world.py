@@ -166,3 +166,58 @@ def test_the_sd1_world_trains_and_loads_as_its_family(tmp_path, monkeypatch):
     loaded = load_model("world-sd1", device="cpu")
     assert loaded.family == "sd" and loaded.info["world"]["palette"] == "random" and not loaded.info["random_weights"]
     assert loaded.pipe.unet.config.sample_size * loaded.pipe.vae_scale_factor == worlds.WORLD_SIDE
+
+
+def test_grounding_attention_computes_what_diffusers_attention_does():
+    """The recording processor changes nothing but what it keeps: the UNet's output is
+    diffusers' own, and each cross-attention layer leaves a (B, queries, tokens) map."""
+    import torch
+
+    from iosd.pipeline.families import get_family
+    from iosd.train import grounding
+    from iosd.train.world import base_pipeline
+
+    pipe, family = base_pipeline("sdxl", 0), get_family("sdxl")
+    latents = torch.randn(2, pipe.unet.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond = family.conditioning(pipe, ["a red star", "a disc and a ring"], device=torch.device("cpu"), size=64)
+    with torch.no_grad():
+        expected = pipe.unet(latents, torch.tensor([10, 500]), **cond).sample
+        with grounding.recording(pipe.unet) as store:
+            got = pipe.unet(latents, torch.tensor([10, 500]), **cond).sample
+        again = pipe.unet(latents, torch.tensor([10, 500]), **cond).sample
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert not any(type(p).__name__ == "GroundingProcessor" for p in pipe.unet.attn_processors.values())  # restored
+    torch.testing.assert_close(again, expected)
+    assert store and all(p.shape[0] == 2 and p.shape[-1] == 77 for p in store)
+    torch.testing.assert_close(store[0].sum(-1), torch.ones_like(store[0].sum(-1)))
+
+
+def test_token_loss_rewards_attention_on_the_named_object_only():
+    import torch
+
+    from iosd.train.grounding import token_loss
+
+    mask = torch.zeros(2, 4, 4)
+    mask[0, :2, :2] = 1  # the first name's object, top left
+    mask[1, 2:, 2:] = 1  # the second's, bottom right
+    spans = [[(1, 2), (2, 3)]]
+
+    def loss_for(first_on: int) -> float:
+        probs = torch.full((1, 16, 4), 1e-6)
+        probs[0, mask[first_on].flatten() > 0, 1] = 1.0  # name 1 attends to object `first_on`
+        probs[0, mask[1].flatten() > 0, 2] = 1.0  # name 2 on its own object
+        return float(token_loss([probs], spans, [mask]))
+
+    assert loss_for(0) < 0.01  # both names on their own objects
+    assert loss_for(1) > 0.45  # the first name on the other object: half the terms fail
+    assert float(token_loss([torch.rand(1, 16, 4)], [[]], [torch.zeros(0, 4, 4)])) == 0.0  # an empty caption has no term
+
+
+def test_scene_masks_are_the_named_objects_at_latent_size():
+    from iosd.train.world import WorldConfig, build_scenes
+
+    scenes = build_scenes(WorldConfig(scenes=40))
+    for caption, names, masks in zip(scenes.captions, scenes.names, scenes.masks, strict=True):
+        assert len(masks) in (1, 2) and masks.shape[1:] == (16, 16)
+        assert (not caption and not names) or (len(names) == len(masks) and all(n in caption for n in names))
+        assert all(0 < m.astype(float).sum() for m in masks)  # every object is visible somewhere
