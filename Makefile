@@ -46,6 +46,7 @@ bench: install
 	$(BIN)/python bench/gen.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/eval.py
+	$(BIN)/python bench/tasks.py
 
 clean:
 	rm -rf $(VENV) runs reports shards/*/ .pytest_cache

@@ -25,7 +25,12 @@ against the 40 samples/s that one GPU makes with SDXL-Turbo at one step (issue 1
 features compress less than real activations (~1.15x with blosc-zstd), so compressed bytes
 are a little pessimistic.
 
-Run: ``python bench/gen.py [--model DIR] [--recipe R] [--no-teacher]`` or
+``--teacher-name`` picks the teacher (mmdet, sam3, grounding-dino+sam2, owlv2+sam) and the
+output reports its share of generation time (of the main thread and of the wall clock); at real
+sizes pass the real models (``--teacher-model DIRS`` offline), else a text-prompted teacher is
+its tiny random-weight config, like the R50 above.
+
+Run: ``python bench/gen.py [--model DIR] [--recipe R] [--no-teacher] [--teacher-name sam3]`` or
 ``python bench/gen.py --encode-only [--recipe R]``.
 """
 
@@ -43,6 +48,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
+from iosd.choices import TEACHER_NAMES
 from iosd.errors import user_errors
 from iosd.featstore import DEFAULT_CODEC
 from iosd.layers import FEATURE_DTYPES
@@ -64,9 +70,9 @@ class BenchGenerator(Generator):
     def _teacher(self):
         if not self.random_teacher or self.cfg.source == "shapes":
             return super()._teacher()
-        from iosd.pipeline.teacher import build_teacher
+        from iosd.pipeline.teachers import build_teacher, options_from_config
 
-        return build_teacher(None, None, device=str(self.loaded.device), score_thr=self.cfg.score_thr, mask_thr=self.cfg.mask_thr, tiny=True, image_size=self.cfg.resolution, gt=self.cfg.gt)
+        return build_teacher(options_from_config(asdict(self.cfg), str(self.loaded.device), tiny=True))
 
 
 def bare_pipeline(gen: Generator, n: int, batch: int) -> float:
@@ -106,9 +112,9 @@ def generation(args: argparse.Namespace) -> dict:
     """One iosd-gen run against the bare pipeline call on the same prompts."""
     model = args.model or "tiny"
     source = {"source": "diffusion", "classes": "coco"} if args.teacher else {"source": "shapes", "classes": "shapes"}
-    teacher = {"teacher_config": args.teacher_config, "teacher_checkpoint": args.teacher_checkpoint}
+    teacher = {"teacher_config": args.teacher_config, "teacher_checkpoint": args.teacher_checkpoint, "teacher_model": args.teacher_model}
     with tempfile.TemporaryDirectory(prefix="iosd-bench-gen-") as tmp:
-        cfg = GenConfig(**source, **teacher, model=model, recipe=args.recipe, num_samples=args.samples, shard_size=args.samples, batch_size=args.batch_size, steps=args.steps,
+        cfg = GenConfig(**source, **teacher, teacher=None if args.teacher_name == "mmdet" else args.teacher_name, model=model, recipe=args.recipe, num_samples=args.samples, shard_size=args.samples, batch_size=args.batch_size, steps=args.steps,
                         resolution=args.resolution, device=args.device, workers=args.workers, keep_rejected=True, out=f"{tmp}/set", quiet=True)
         gen = BenchGenerator(cfg)
         gen.random_teacher = args.teacher and model not in TINY_MODELS and not any(teacher.values())
@@ -129,7 +135,7 @@ def generation(args: argparse.Namespace) -> dict:
         "recipe": c.recipe,
         "device": str(gen.loaded.device),
         "settings": {"scheduler": c.scheduler, "steps": c.steps, "guidance": c.guidance, "resolution": c.resolution, "layers": c.layers, "halves": c.halves, "feature_dtype": c.feature_dtype, "codec": c.codec},
-        "teacher": manifest.get("teacher", {}).get("kind") if not gen.random_teacher else "mmdet r50 mask-rcnn, random weights",
+        "teacher": (manifest.get("teacher") or {}).get("name") or (manifest.get("teacher") or {}).get("kind") if not gen.random_teacher else f"{args.teacher_name}, random weights (tiny)",
         "samples": n,
         "source": c.source,
         "iosd_gen_samples_per_s": round(n / total, 3),
@@ -137,6 +143,9 @@ def generation(args: argparse.Namespace) -> dict:
         "ratio_iosd_gen_to_bare": round((n / total) / (args.samples / bare), 3),
         "stage_seconds": stages,
         "main_thread_seconds": round(sum(stages.get(k, 0) for k in ("diffusion", "capture", "teacher")), 3),
+        # the teacher's share of generation: of the main thread (diffusion, capture, teacher) and of the wall clock
+        "teacher_share_of_main_thread": round(stages.get("teacher", 0) / max(1e-9, sum(stages.get(k, 0) for k in ("diffusion", "capture", "teacher"))), 3),
+        "teacher_share_of_wall": round(stages.get("teacher", 0) / max(1e-9, total), 3),
         "wall_seconds": round(total, 3),
         "stored_feature_bytes_per_sample": manifest["features"].get("stored_bytes_per_sample"),
     }
@@ -249,6 +258,8 @@ def main() -> None:
     parser.add_argument("--teacher", action=argparse.BooleanOptionalAction, default=True, help="label with an mmdet teacher (needs mmcv); --no-teacher: the shapes world, exact masks")
     parser.add_argument("--teacher-config", default=None, help="mmdet config of the teacher [random-weight R50 for a local model]")
     parser.add_argument("--teacher-checkpoint", default=None)
+    parser.add_argument("--teacher-name", default="mmdet", choices=TEACHER_NAMES, help="iosd-gen's --teacher: whose share of generation time is reported [mmdet]")
+    parser.add_argument("--teacher-model", default=None, help="iosd-gen's --teacher-model (local directories of a text-prompted teacher's real models on an offline box)")
     parser.add_argument("--encode-only", action="store_true", help="no model: encode+write rates on each recipe's real feature shapes")
     parser.add_argument("--threads", type=int, default=None, help="--encode-only: the 'all threads' count [os.cpu_count()]")
     parser.add_argument("--codec", default=DEFAULT_CODEC, help="--encode-only: feature codec [iosd-gen's default]")

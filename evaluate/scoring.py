@@ -7,9 +7,10 @@ unseen+unseen) on its own: a class's IoU within a group comes from that group's 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +52,9 @@ def _collate(items: list[dict]) -> list[dict]:
 
 def shard_batches(shard_dir: Path, shard_names: list[str], layers: list[str], batch_size: int = 16, workers: int = 2) -> DataLoader:
     """Batches (lists of decoded samples) of the test shards, decoded in ``workers`` processes."""
-    paths = [str(shard_dir / n) for n in shard_names]
+    from iosd.store import join
+
+    paths = [join(shard_dir, n) for n in shard_names]  # a directory or an object-store URL
     return DataLoader(_TestSamples(paths, layers), batch_size=batch_size, collate_fn=_collate, num_workers=min(workers, len(paths)))
 
 
@@ -92,12 +95,17 @@ class Scores:
 
 @torch.no_grad()
 def score(head: torch.nn.Module, shard_dir: Path, shard_names: list[str], layers: list[str], *, gt_min_score: float, threshold: float = 0.5, batch_size: int = 16,
-          device: str = "cpu", workers: int = 2, examples_per_class: int = 3, progress=None) -> Scores:
-    """Per-class IoU of the head's masks and of DAAM's, against the teacher's confident masks."""
+          device: str = "cpu", workers: int = 2, examples_per_class: int = 3, progress=None, baselines: Mapping[str, Any] | None = None, with_daam: bool = True) -> Scores:
+    """Per-class IoU of the head's masks, DAAM's and each baseline's, against the teacher's
+    confident masks. ``baselines``: name -> a teacher (pipeline/teachers) applied straight to
+    the test images, the text-prompted segmenter a user would pick instead of training a head."""
     logit_thr = math.log(threshold / (1 - threshold))
     out = Scores()
+    for m in baselines or {}:
+        out.methods.setdefault(m, IoUAccumulator())
     for batch in shard_batches(shard_dir, shard_names, layers, batch_size, workers):
         logits = head(*head_inputs(batch, layers, device)).float()
+        direct = {m: t.label([item["image"] for item in batch], [item["names"] for item in batch]) for m, t in (baselines or {}).items()}
         size = batch[0]["image"].shape[0]
         preds = (F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False) > logit_thr).cpu().numpy()
         for b, item in enumerate(batch):
@@ -117,16 +125,19 @@ def score(head: torch.nn.Module, shard_dir: Path, shard_names: list[str], layers
                     methods["head"].update(name, preds[b, i], target)
                     if daam is not None:
                         methods["daam"].update(name, daam[i], target)
+                    for m, labels in direct.items():
+                        methods.setdefault(m, IoUAccumulator()).update(name, labels[b][i].mask, target)
                 shown = out.examples.setdefault(name, [])
                 if len(shown) < examples_per_class:
                     masks = {"teacher": target, "head": preds[b, i]}
                     if daam is not None:
                         masks["daam"] = daam[i]
+                    masks.update({m: labels[b][i].mask for m, labels in direct.items()})
                     ious = {col: iou for col, m in masks.items() if col != "teacher" and (iou := mask_iou(m, target)) is not None}
                     shown.append(Example(image=item["image"], masks=masks, ious=ious, caption=name))
         if progress is not None:
             progress(len(batch))
-    if not any(out.methods["daam"].counts().values()):
+    if not with_daam or not any(out.methods["daam"].counts().values()):
         for methods in [out.methods, *out.groups.values()]:
             methods.pop("daam")
     return out

@@ -19,7 +19,7 @@ from iosd.pipeline.generate import GenConfig
 from iosd.schema import MANIFEST_NAME
 
 # generation options a test set copies from the training shards
-COPIED = ("recipe", "classes", "split", "source", "model", "revision", "template", "template2", "scheduler", "steps", "guidance", "resolution", "batch_size", "layers", "halves", "feature_dtype", "codec", "feature_t", "feature_step", "query_template", "query_pooling", "query_hidden", "gt", "teacher_config", "teacher_checkpoint", "score_thr", "mask_thr", "seed")
+COPIED = ("recipe", "classes", "split", "source", "model", "revision", "template", "template2", "scheduler", "steps", "guidance", "resolution", "batch_size", "layers", "halves", "feature_dtype", "codec", "feature_t", "feature_step", "query_template", "query_pooling", "query_hidden", "gt", "teacher_config", "teacher_checkpoint", "teacher", "teacher_model", "score_thr", "mask_thr", "seed")
 
 
 def default_test_dir(info: dict, objects: str = "1") -> Path:
@@ -30,6 +30,10 @@ def default_test_dir(info: dict, objects: str = "1") -> Path:
     """
     suffix = "-test" if objects == "1" else f"-test{objects}"
     spec = (info.get("shards") or {}).get("spec", "")
+    from iosd.store import is_remote
+
+    if is_remote(spec) and "{" not in spec and not spec.endswith((".json", ".tar")):
+        return spec.rstrip("/") + suffix  # type: ignore[return-value]  # beside a set in an object store
     local = Path(spec)
     if spec and local.is_dir():
         return local.parent / f"{local.name}{suffix}"
@@ -56,12 +60,17 @@ def check_objects(manifest: dict, objects: str, where: Path) -> None:
         raise UserError(f"{where} holds {built}-object test prompts, not --objects {objects}", f"pass --objects {built}, or another --test-shards directory (or none, to build one)")
 
 
-def test_config(info: dict, out: Path, images_per_class: int, objects: str, device: str) -> GenConfig:
+def test_config(info: dict, out: Path, images_per_class: int, objects: str, device: str, teacher: str | None = None) -> GenConfig:
     gen = info.get("generation")
     if not gen:
         raise UserError("the checkpoint does not record how its shards were generated", "retrain with this iosd, or pass --test-shards built by iosd-gen")
     known = {f.name for f in fields(GenConfig)}
     options = {k: gen[k] for k in COPIED if k in gen and k in known}
+    if teacher is not None and teacher != (gen.get("teacher") or "mmdet"):
+        # ground truth from another teacher than the training shards': its own defaults and models
+        for k in ("teacher_config", "teacher_checkpoint", "teacher_model", "score_thr", "mask_thr"):
+            options.pop(k, None)
+        options["teacher"] = None if teacher == "mmdet" else teacher
     return GenConfig(
         **options,
         subset="all",
@@ -76,21 +85,27 @@ def test_config(info: dict, out: Path, images_per_class: int, objects: str, devi
     )
 
 
-def ensure_test_shards(info: dict, test_dir: Path | None, images_per_class: int, objects: str, device: str, quiet: bool = False) -> Path:
+def ensure_test_shards(info: dict, test_dir: Path | None, images_per_class: int, objects: str, device: str, quiet: bool = False, teacher: str | None = None) -> Path:
     """The test shard directory, generated (or resumed) when it is missing or incomplete."""
-    out = Path(test_dir) if test_dir is not None else default_test_dir(info, objects)
-    manifest_path = out / MANIFEST_NAME
-    if manifest_path.exists():
+    from iosd.store import is_remote, open_store
+
+    out = test_dir if test_dir is not None and is_remote(test_dir) else Path(test_dir) if test_dir is not None else default_test_dir(info, objects)
+    store = open_store(out)  # a directory or an object-store URL (s3://, ...)
+    has_manifest = store.read_bytes(MANIFEST_NAME) is not None
+    if has_manifest:
         manifest = read_manifest(out)
         check_objects(manifest, objects, out)
         check_images_per_class(manifest, images_per_class, out)
+        built = (manifest.get("config") or {}).get("teacher") or "mmdet"
+        if teacher is not None and teacher != built:
+            raise UserError(f"{out} was labelled by the {built} teacher, not --teacher {teacher}", f"pass another --test-shards directory for {teacher}'s test set, or drop --teacher")
         if manifest.get("complete"):
             return out
-    if test_dir is not None and out.exists() and any(out.iterdir()) and not manifest_path.exists():
+    if test_dir is not None and store.has_entries() and not has_manifest:
         raise UserError(f"--test-shards {out} holds no {MANIFEST_NAME}", "point at shards built by iosd-gen/iosd-eval, or a new directory")
     from iosd.pipeline.generate import generate
 
-    cfg = test_config(info, out, images_per_class, objects, device)
+    cfg = test_config(info, out, images_per_class, objects, device, teacher)
     cfg.quiet = quiet
     generate(cfg)
     return out

@@ -16,6 +16,15 @@ CODEC_NAMES = ("blosc-zstd", "blosc-lz4", "none")  # the keys of iosd.featstore.
 # and halve the loader's rate (bench/loader.py: IOSD's 19 maps 110-141 vs 38 samples/s per
 # worker) and the encoder's; fp8, int8 and --project are the ways to fewer bytes.
 DEFAULT_CODEC = "none"
+# The teachers that label generated images (pipeline/teachers/, thresholds in
+# iosd/data/teachers.json): mmdet's Mask R-CNN, the papers' (its COCO labels only, needs mmcv),
+# and text-prompted ones that label any class name (transformers only).
+TEACHER_NAMES = ("mmdet", "sam3", "grounding-dino+sam2", "owlv2+sam")
+DEFAULT_TEACHER = "mmdet"
+TEXT_TEACHERS = TEACHER_NAMES[1:]
+# iosd-eval --baselines: DAAM (cross-attention maps stored in the test shards) and any
+# text-prompted teacher applied straight to the test images.
+BASELINE_NAMES = ("daam", *TEXT_TEACHERS)
 
 # -- iosd-train ----------------------------------------------------------------------------------
 HEAD_KINDS = ("iosd", "gd", "iosd-lite", "gd-lite")  # the keys of iosd.train.heads.HEADS

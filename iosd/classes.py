@@ -1,6 +1,7 @@
 """Class sets, seen/unseen splits and detector synonyms: read from one data file.
 
-A user's own split is a JSON file ``{"seen": [...], "unseen": [...]}``.
+A user's own split is a JSON file ``{"seen": [...], "unseen": [...]}``, optionally with
+``"synonyms": {"class": ["other name", ...]}`` (more prompts for a text-prompted teacher).
 """
 
 from __future__ import annotations
@@ -102,6 +103,33 @@ def _load_file(path: Path, split: int) -> ClassSplit:
     if both:
         raise UserError(f"class file {path} lists {', '.join(both)} as both seen and unseen", "keep each class in one list")
     return ClassSplit(path.stem, split, seen, unseen)
+
+
+def prompt_synonyms(classes: str) -> dict[str, list[str]]:
+    """More prompts per class for a text-prompted teacher: a class file's optional
+    ``"synonyms": {"class": ["other name", ...]}``, or, for a built-in set, the COCO spelling of
+    each VOC name (aeroplane: airplane). Empty for anything else."""
+    sets = _data()["sets"]
+    if classes in sets:
+        names = set(sets[classes]["classes"])
+        return {voc: [coco] for voc, coco in synonyms().items() if voc in names and coco != voc}
+    path = Path(classes)
+    if path.suffix != ".json" or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    extra = data.get("synonyms") if isinstance(data, dict) else None
+    if extra is None:
+        return {}
+    if not isinstance(extra, dict) or not all(isinstance(v, list) and all(isinstance(s, str) and s.strip() for s in v) for v in extra.values()):
+        raise UserError(f"class file {path}: 'synonyms' is not a mapping of class names to lists of names", 'write "synonyms": {"class": ["other name", ...]}')
+    known = set(data.get("seen") or []) | set(data.get("unseen") or [])
+    unknown = sorted(set(extra) - {str(c).strip() for c in known})
+    if unknown:
+        raise UserError(f"class file {path}: synonyms for {', '.join(map(repr, unknown))}, which it does not list", "give synonyms only for classes in seen or unseen")
+    return {str(k).strip(): [s.strip() for s in v] for k, v in extra.items()}
 
 
 def check_names(names: list[str], split: ClassSplit) -> None:

@@ -70,6 +70,42 @@ def storage_error(err: BaseException, rerun: str = RESUME) -> UserError | None:
     return None
 
 
+# Object-store faults, known by class name so that botocore, aiohttp and s3fs are never imported here.
+_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError", "ProxyConnectionError",
+                "ClientConnectionError", "ServerDisconnectedError", "ClientPayloadError", "FSTimeoutError", "ConnectionError", "TimeoutError"}
+_STORE_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "fsspec", "adlfs")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def remote_error(err: BaseException, url: str | None, action: str = "reach", rerun: str = RESUME) -> UserError | None:
+    """The one-line UserError for an object store that is unreachable, refuses the credentials,
+    lacks the bucket or fails mid-upload; None for other errors. ``url``: what was being read
+    or written (None when the caller does not know)."""
+    names = {cls.__name__ for cls in type(err).__mro__}
+    where = f" {url}" if url else ""
+    fix = f"check the endpoint (AWS_ENDPOINT_URL or fsspec config) and the credentials, {rerun}"
+    if names & _NO_CREDENTIALS:
+        return UserError(f"no credentials to {action}{where} ({_first_line(err)})", f"set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), {rerun}")
+    if names & _UNREACHABLE or isinstance(err, (ConnectionError, TimeoutError)):
+        return UserError(f"cannot reach the object store to {action}{where} ({_first_line(err)})", fix)
+    if isinstance(err, FileNotFoundError) and "bucket" in str(err).lower():
+        return UserError(f"the bucket of{where} does not exist ({_first_line(err)})", f"create the bucket or fix the URL, {rerun}")
+    if isinstance(err, PermissionError):
+        return UserError(f"access denied to {action}{where} ({_first_line(err)})", f"check the credentials and the bucket's policy, {rerun}")
+    if url is not None and (isinstance(err, OSError) or "ClientError" in names or "BotoCoreError" in names):
+        return UserError(f"the object store failed to {action}{where} ({type(err).__name__}: {_first_line(err)})", fix)
+    return None
+
+
+def _from_store_library(err: BaseException) -> bool:
+    return any(cls.__module__.split(".")[0] in _STORE_MODULES for cls in type(err).__mro__)
+
+
 def _exit_with(err: UserError) -> None:
     from rich.console import Console
     from rich.markup import escape
@@ -96,6 +132,8 @@ def user_errors(func: F | None = None, *, rerun: str = RESUME) -> Any:
             sys.exit(130)
         except Exception as err:
             line = storage_error(err, rerun)
+            if line is None and _from_store_library(err):  # an object-store fault no store call named
+                line = remote_error(err, None, rerun=rerun)
             if line is None:
                 raise
             _exit_with(line)

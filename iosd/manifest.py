@@ -213,7 +213,18 @@ def check_schema(manifest: dict, where: str) -> dict:
 
 
 def read_manifest(shard_dir: str | Path) -> dict:
-    """The manifest of a local shard directory, checked."""
+    """The manifest of a shard directory or object-store URL (s3://, gs://, ...), checked."""
+    from iosd.store import is_remote, open_store
+
+    if is_remote(shard_dir):
+        where = f"{str(shard_dir).rstrip('/')}/{MANIFEST_NAME}"
+        data = open_store(shard_dir).read_bytes(MANIFEST_NAME)
+        if data is None:
+            raise UserError(f"{shard_dir} has no {MANIFEST_NAME}", "point at a shard set written by iosd-gen, or check the URL")
+        try:
+            return check_schema(json.loads(data), where)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UserError(f"{where} is not readable JSON ({err})", "regenerate it with iosd-gen or restore it") from None
     path = Path(shard_dir) / MANIFEST_NAME
     if not Path(shard_dir).exists():
         raise UserError(f"shard directory {shard_dir} does not exist", "run iosd-gen first or check the path")

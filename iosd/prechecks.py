@@ -63,8 +63,17 @@ def check_writable(path: str | os.PathLike, flag: str = "--out") -> None:
     """``path`` is (or can be made) a directory this process writes in; nothing is created.
 
     The nearest existing ancestor decides: a regular file there can never hold a directory, and
-    without write and search permission nothing can be made below it.
+    without write and search permission nothing can be made below it. A URL (s3://, gs://,
+    ...) is probed instead: a zero-byte object put and deleted, so an unreachable endpoint, a
+    missing bucket or refused credentials end in one line before any model loads.
     """
+    from iosd.store import is_remote
+
+    if is_remote(path):
+        from iosd.store import RemoteStore
+
+        RemoteStore(os.fspath(path)).make("", flag)
+        return
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UserError(f"cannot write to {flag} {out}: it is a file, not a directory", "choose a directory")
@@ -99,5 +108,9 @@ def check_generation(gen: dict, *, teacher: bool) -> None:
     """A checkpoint's recorded generation config, before iosd-synth/-predict load its model:
     its layer preset against a model known by name, and (``teacher``) its teacher's files."""
     check_layers_family(gen.get("layers"), gen.get("model"))
-    if teacher:
+    if teacher and (gen.get("teacher") or "mmdet") == "mmdet":
         check_teacher_files(gen.get("teacher_config"), gen.get("teacher_checkpoint"))
+    elif teacher and not (stand_in_family(gen.get("model")) and not gen.get("teacher_model")):
+        from iosd.pipeline.teachers import check_teacher_models
+
+        check_teacher_models(gen.get("teacher"), gen.get("teacher_model"))

@@ -160,12 +160,22 @@ def decode_sample(members: dict[str, bytes], features: bool | list[str] = True) 
 
 
 def iter_tar_samples(path: str, features: bool | list[str] = True):
-    """Samples of one shard with nothing but ``tarfile`` (members grouped by key)."""
+    """Samples of one shard with nothing but ``tarfile`` (members grouped by key); a URL
+    (s3://, gs://, ...) is streamed through fsspec."""
+    import contextlib
     import tarfile
+
+    from iosd.store import is_remote
 
     current: str | None = None
     members: dict[str, bytes] = {}
-    with tarfile.open(path, "r") as tar:
+    with contextlib.ExitStack() as stack:
+        if is_remote(path):
+            import fsspec
+
+            tar = stack.enter_context(tarfile.open(fileobj=stack.enter_context(fsspec.open(path, "rb")), mode="r|"))
+        else:
+            tar = stack.enter_context(tarfile.open(path, "r"))
         for info in tar:
             if not info.isfile():
                 continue

@@ -13,9 +13,11 @@ from iosd.choices import (
     GT_RULES,
     HIDDEN_STATES,
     POOLINGS,
+    TEACHER_NAMES,
 )
 from iosd.errors import user_errors
 from iosd.layers import FEATURE_DTYPES, PRESETS
+from iosd.pipeline.tasks import AUTO, TASK_HELP
 from iosd.recipes import HALVES, SCHEDULERS, recipe_names
 from iosd.recipes import show_config as show_resolved
 from iosd.verbosity import verbose_option
@@ -35,7 +37,7 @@ RECIPES = ", ".join(recipe_names())
 @click.option("--num-samples", type=int, default=None, help="samples written, after filtering [default: 1000; every usable image of coco:/folder: sources]")
 @click.option("--shard-size", type=int, default=100, help="samples per shard")
 @click.option("--seed", type=int, default=0)
-@click.option("--out", default=None, help="output directory [default: shards/<classes><split>; shards/<file or folder name>-<classes><split> for coco:/folder: sources]")
+@click.option("--out", default=None, help="output directory or object-store URL (s3://bucket/set, docs/scale-out.md) [default: shards/<classes><split>; shards/<file or folder name>-<classes><split> for coco:/folder: sources]")
 @click.option("--objects", type=click.Choice(["1", "2", "mix"]), default=None, help="objects per prompt [recipe]")
 @click.option("--template", default=None, help="one-object prompt template [recipe]")
 @click.option("--template2", default=None, help="two-object and negative-class prompt template [recipe]")
@@ -57,14 +59,17 @@ RECIPES = ", ".join(recipe_names())
 @click.option("--query-pooling", type=click.Choice(POOLINGS), default=None, help="the name's tokens averaged, or its first token [recipe]")
 @click.option("--query-hidden", type=click.Choice(HIDDEN_STATES), default=None, help="text-encoder layer of the query [recipe]")
 @click.option("--gt", type=click.Choice(GT_RULES), default=None, help="a class's mask: the top teacher instance, or the union of its instances [recipe]")
+@click.option("--teacher", type=click.Choice(TEACHER_NAMES), default=None, help="who labels the images: mmdet's Mask R-CNN (the papers'; COCO classes; needs mmcv) or a text-prompted teacher that labels any class name (transformers only) [default: mmdet]")
+@click.option("--teacher-model", default=None, help="text-prompted teachers: hub ids or local directories of their models, comma-separated (detector,segmenter) [default: iosd/data/teachers.json]")
 @click.option("--teacher-config", default=None, help="mmdet config name or path [default: Mask R-CNN Swin-S 3x COCO]")
-@click.option("--teacher-checkpoint", default=None, help="teacher checkpoint path or URL")
+@click.option("--teacher-checkpoint", default=None, help="mmdet teacher checkpoint path or URL")
 @click.option("--min-score", type=float, default=None, help="drop a class whose teacher score is lower [recipe; 0 for exact masks and the tiny teacher]")
-@click.option("--score-thr", type=float, default=None, help="teacher detection score threshold [recipe; 0 for the tiny teacher]")
-@click.option("--mask-thr", type=float, default=None, help="teacher mask binarisation threshold [recipe]")
+@click.option("--score-thr", type=float, default=None, help="teacher detection score threshold [recipe, or the text-prompted teacher's; 0 for the tiny teacher]")
+@click.option("--mask-thr", type=float, default=None, help="teacher mask binarisation threshold [recipe, or the text-prompted teacher's]")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 @click.option("--workers", type=int, default=2, help="threads that encode and compress samples")
 @click.option("--overwrite", is_flag=True, help="replace a shard set generated with a different config")
+@click.option("--task", default=AUTO, metavar="I/N", help=TASK_HELP + " (docs/scale-out.md)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @verbose_option
 @user_errors

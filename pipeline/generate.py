@@ -44,7 +44,15 @@ from iosd.pipeline.sources import (
     shapes_world,
     source_kind,
 )
+from iosd.pipeline.tasks import resolve_task, task_note
 from iosd.pipeline.teacher import GT_RULES
+from iosd.pipeline.teachers import (
+    DEFAULT_TEACHER,
+    apply_teacher_defaults,
+    check_teacher_choice,
+    check_teacher_models,
+    unset_teacher_fields,
+)
 from iosd.pipeline.text import (
     QuerySpec,
     class_embeddings,
@@ -74,7 +82,7 @@ DEFAULT_SAMPLES = 1000  # --num-samples of generated sources (labelled sources: 
 
 # Fields that do not change a shard's content: changing them never invalidates a set.
 # (batch_size stays in the identity: batched kernels round differently per batch size.)
-NON_IDENTITY = ("out", "device", "workers", "overwrite", "quiet")
+NON_IDENTITY = ("out", "device", "workers", "overwrite", "quiet", "task")
 
 
 @dataclass
@@ -115,6 +123,8 @@ class GenConfig:
     gt: str | None = None
     teacher_config: str | None = None
     teacher_checkpoint: str | None = None
+    teacher: str | None = None  # --teacher (pipeline/teachers); None: mmdet, kept out of older sets' identity
+    teacher_model: str | None = None  # text teachers: comma-separated ids/directories per component
     min_score: float | None = None
     score_thr: float | None = None
     mask_thr: float | None = None
@@ -126,6 +136,7 @@ class GenConfig:
     workers: int = 2
     overwrite: bool = False
     quiet: bool = False
+    task: str | None = None  # "I/N", "N" or "auto" (iosd.pipeline.tasks; None: one process); never part of the set
 
     def with_recipe(self) -> tuple[GenConfig, Resolved]:
         """A copy with every option the user left None taken from the recipe, and the record of it."""
@@ -140,6 +151,10 @@ class GenConfig:
         if c.model in CPU_STAND_INS and self.resolution is None:
             c.resolution = WORLD_SIDE if c.model in WORLDS else TINY_RESOLUTION
             resolved.origin["resolution"].update(value=c.resolution, source=f"the {c.model} model's native {c.resolution} px")
+        if c.teacher == DEFAULT_TEACHER:
+            c.teacher = None  # --teacher mmdet is the default: the same set, identity and bytes as without it
+        if c.teacher is not None and source_kind(c.source) not in IMAGE_SOURCES:
+            apply_teacher_defaults(self, c, resolved)
         if self.tiny_teacher or source_kind(c.source) in IMAGE_SOURCES:
             for name in ("min_score", "score_thr"):
                 if getattr(self, name) is None:
@@ -204,6 +219,7 @@ class GenConfig:
         self.query_spec_of(c)
         resolve_layers(c.layers)
         check_projection_options(c)
+        resolve_task(c.task)  # a bad --task or scheduler variable: one line before any work
         c.prechecks()
         return c
 
@@ -212,8 +228,12 @@ class GenConfig:
         layer preset of a model known by name, the teacher's files, and --out."""
         check_class_names(load_split(self.classes, self.split).all, f"--classes {self.classes}")
         check_layers_family(self.layers, self.model)
-        if source_kind(self.source) not in IMAGE_SOURCES and not self.tiny_teacher:
-            check_teacher_files(self.teacher_config, self.teacher_checkpoint)
+        if source_kind(self.source) not in IMAGE_SOURCES:
+            check_teacher_choice(self.teacher, self.teacher_config, self.teacher_checkpoint, self.teacher_model)
+            if self.teacher in (None, DEFAULT_TEACHER) and not self.tiny_teacher:
+                check_teacher_files(self.teacher_config, self.teacher_checkpoint)
+            elif not self.tiny_teacher:
+                check_teacher_models(self.teacher, self.teacher_model)
         check_writable(self.out, "--out" if self.stream == "train" else "--test-shards")
 
     @staticmethod
@@ -223,10 +243,11 @@ class GenConfig:
     @property
     def tiny_teacher(self) -> bool:
         """A CPU stand-in model with no teacher options: mmdet's own Mask R-CNN, random weights."""
-        return self.model in CPU_STAND_INS and self.teacher_config is None and self.teacher_checkpoint is None
+        return self.model in CPU_STAND_INS and self.teacher_config is None and self.teacher_checkpoint is None and self.teacher_model is None
 
     def identity(self) -> dict:
         raw = ("project", "calibration_samples") if self.project is None else ()  # sets from before --project keep theirs
+        raw += unset_teacher_fields(self)  # sets from before --teacher keep theirs
         return {k: v for k, v in asdict(self).items() if k not in NON_IDENTITY and k not in raw}
 
 
@@ -394,22 +415,14 @@ class Generator:
         self.plan = Plan(self.cfg, self.split, self.images)
         self.times = StageTimes()
         self.rank, self.world = dist_env()
+        self.task = resolve_task(self.cfg.task)  # independent tasks: no process group between them
 
     def _teacher(self):
         if source_kind(self.cfg.source) in IMAGE_SOURCES:
             return None
-        from iosd.pipeline.teacher import build_teacher
+        from iosd.pipeline.teachers import build_teacher, options_from_config
 
-        return build_teacher(
-            self.cfg.teacher_config,
-            self.cfg.teacher_checkpoint,
-            device=str(self.loaded.device),
-            score_thr=self.cfg.score_thr,
-            mask_thr=self.cfg.mask_thr,
-            tiny=self.cfg.tiny_teacher,
-            image_size=self.cfg.resolution,
-            gt=self.cfg.gt,
-        )
+        return build_teacher(options_from_config(asdict(self.cfg), str(self.loaded.device), tiny=self.cfg.tiny_teacher))
 
     def _probe_shapes(self) -> dict[str, list[int]]:
         """Run the UNet once on zeros to learn each captured layer's (C, H, W)."""
@@ -429,7 +442,7 @@ class Generator:
             "kind": "iosd-shards",
             "recipe": self.recipe.record(),
             "identity": {**self.cfg.identity(), **({"source_fingerprint": self.images.fingerprint} if self.images is not None else {})},
-            "config": {k: v for k, v in asdict(self.cfg).items() if k not in ("quiet", "overwrite")},
+            "config": {k: v for k, v in asdict(self.cfg).items() if k not in ("quiet", "overwrite", "task", *unset_teacher_fields(self.cfg))},
             "classes": self.split.to_json(),
             "subset": self.cfg.subset,
             "image_size": [self.cfg.resolution, self.cfg.resolution],
@@ -600,7 +613,7 @@ class Generator:
                 yield member
 
         record = self.writer.write_shard(shard, members(), stats)
-        if self.rank == 0:
+        if self.rank == 0 and self.task.count == 1:  # tasks: dataset.json only once complete
             with self._manifest_lock:
                 self.writer.write_manifest()
         self.times.add("write", time.perf_counter() - t0 - waited)
@@ -620,7 +633,10 @@ class Generator:
         self.times.add("setup", time.perf_counter() - t0 - self.times.seconds["load"])
         try:
             done = self.writer.done()
-            mine = [i for i in range(self.plan.n_shards) if i % self.world == self.rank and i not in done]
+            owned = [i for i in range(self.plan.n_shards) if self.task.owns(i, self.rank, self.world)]
+            mine = [i for i in owned if i not in done]
+            if self.rank == 0:
+                task_note(self.task, "shards", len(owned), self.plan.n_shards)
             todo = sum(self.plan.target(i) for i in mine)
             writers = shard_writers(self.cfg.workers)
             with stage_progress(self.rank == 0 and not self.cfg.quiet, todo, f"{self.cfg.out}", "gen") as advance, ThreadPoolExecutor(self.cfg.workers) as pool, ThreadPoolExecutor(writers) as writer:
@@ -635,9 +651,24 @@ class Generator:
         finally:
             self.close()
         _barrier(self.world)
-        manifest = self.writer.write_manifest() if self.rank == 0 else {}
+        manifest = self._finish() if self.rank == 0 else {}
         _barrier(self.world)
         return manifest
+
+
+    def _finish(self) -> dict:
+        """The final dataset.json (one task), or, for one of several independent tasks, the set
+        assembled when this task finds it complete; otherwise the manifest as it stands,
+        unwritten (the last task to finish, or ``iosd-shards merge``, writes it)."""
+        if self.task.count == 1:
+            return self.writer.write_manifest()
+        manifest = self.writer.assemble()
+        if manifest is not None:
+            return manifest
+        if not self.cfg.quiet:
+            missing = self.writer.missing()
+            _note(f"task {self.task.label()} is done; {len(missing)} of {self.plan.n_shards} shards are still missing: the last task to finish writes dataset.json (or run: iosd-shards merge {self.cfg.out})")
+        return self.writer.build_manifest()
 
 
 def shard_writers(workers: int) -> int:

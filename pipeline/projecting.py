@@ -36,6 +36,10 @@ def check_projection_options(c: GenConfig) -> None:
         if c.calibration_samples is not None:
             raise UserError("--calibration-samples only applies to a projection", "add --project K, or drop --calibration-samples")
         return
+    from iosd.store import is_remote
+
+    if c.out is not None and is_remote(c.out):
+        raise UserError(f"--project with an object-store --out ({c.out}) is not supported yet", "write the set to a local directory and copy it up, or drop --project")
     if c.project < 1:
         raise UserError(f"--project {c.project} is not a positive number of channels", "pass e.g. --project 64, or leave it out to store every layer")
     if c.calibration_samples is None:
@@ -103,6 +107,29 @@ def _calibrate(gen: Generator) -> Projection:
     return fit.fit(c.project)
 
 
+def _sha(path: Path) -> str:
+    from iosd.manifest import sha256_file
+
+    return sha256_file(path)
+
+
+def _keep_first(projection: Projection, path: Path) -> Projection:
+    """Independent tasks each fit the basis; the first stored wins (a hard link fails where
+    the name exists) and every task uses that one, so no two shards of a set ever differ in it."""
+    import os
+    import secrets
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.{secrets.token_hex(4)}")
+    projection.save(tmp)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return load(path)
+
+
 def prepare_projection(gen: Generator) -> Projection | None:
     """Every rank's projection (None without --project). Rank 0 reuses the stored basis of a
     rerun (its sha256 as the manifest recorded it) or fits and writes a new one, then records
@@ -125,11 +152,15 @@ def prepare_projection(gen: Generator) -> Projection | None:
             except UserError:
                 if gen.writer.done():
                     raise
+        elif gen.task.count > 1 and path.is_file():
+            projection = load(path)  # another task of this set stored it first
         elif gen.writer.done():
             raise UserError(f"projection basis {path} is missing, but {c.out} holds shards stored with it", "restore it, or pass --overwrite to regenerate the set")
         if projection is None:
             projection = _calibrate(gen)
-            sha = projection.save(path)
+            if gen.task.count > 1:
+                projection = _keep_first(projection, path)
+            sha = projection.save(path) if gen.task.count == 1 else _sha(path)
         else:
             from iosd.manifest import sha256_file
 

@@ -130,6 +130,18 @@ def info(directory: Path, as_json: bool, scan: bool) -> None:
 
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path))
+@user_errors
+def merge(directory: Path) -> None:
+    """Write DIRECTORY/dataset.json and wids-index.json from the shards' records, once every
+    planned shard is there: for a set made by independent tasks (iosd-gen --task I/N) whose
+    last task did not finish. Idempotent; an incomplete set names the missing shards."""
+    from iosd.pipeline.tasks import merge_set
+
+    click.echo(json.dumps(merge_set(directory)))
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--n", "count", type=int, default=16, help="how many samples")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="PNG to write [default: DIRECTORY/preview.png]")
 @click.option("--ncols", type=int, default=4, help="tiles per row")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from iosd.manifest import sha256_file, write_json_atomic
 from iosd.pipeline.export import Labelled, make_export
 from iosd.pipeline.prompts import GD_TEMPLATE, GD_TEMPLATE_2, OBJECTS, PromptSpec, make_prompt
 from iosd.pipeline.quality import Limits, judge_mask, summarise
+from iosd.pipeline.tasks import resolve_task, task_note
 from iosd.prechecks import check_class_names, check_generation, check_writable
 from iosd.progress import stage_progress
 
@@ -41,7 +43,7 @@ SETTINGS_NAME = "settings.json"  # in PARTS: marks the directory as this synth's
 PREVIEW_PER_CHUNK = 2
 PREVIEW_TILES = 16
 # Fields that never change what is written (batch stays: batched kernels round differently).
-NON_IDENTITY = ("checkpoint", "out", "device", "quiet")
+NON_IDENTITY = ("checkpoint", "out", "device", "quiet", "task")
 
 
 def read_class_names(text: str) -> list[str]:
@@ -87,6 +89,8 @@ class SynthConfig:
     chunk_size: int = 16
     device: str = "auto"
     quiet: bool = False
+    task: str | None = None  # "I/N", "N" or "auto" (iosd.pipeline.tasks; None: one process): which chunks this process makes
+    teacher: str | None = None  # --min-agreement's teacher (pipeline/teachers); None: the checkpoint's
 
     def check(self) -> SynthConfig:
         if self.format not in FORMATS:
@@ -109,7 +113,8 @@ class SynthConfig:
 
     def identity(self, weights: dict) -> dict:
         """What the output depends on: the settings and the head's weights (not where they live)."""
-        return {**{k: v for k, v in asdict(self).items() if k not in NON_IDENTITY}, "head": weights}
+        unset = ("teacher",) if self.teacher is None else ()  # outputs from before --teacher keep theirs
+        return {**{k: v for k, v in asdict(self).items() if k not in NON_IDENTITY and k not in unset}, "head": weights}
 
 
 @dataclass
@@ -148,6 +153,8 @@ def check_out(out: Path, identity: dict) -> bool:
     if not out.exists() or not any(out.iterdir()):
         return False
     marker = out / PARTS / SETTINGS_NAME
+    if not marker.exists() and _just_opened(out):
+        return False  # another task started at the same time and is writing the marker
     if not marker.exists():
         raise UserError(f"--out {out} holds files that are not an iosd-synth export", "choose a new or empty directory")
     try:
@@ -158,6 +165,11 @@ def check_out(out: Path, identity: dict) -> bool:
         diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
         raise UserError(f"--out {out} holds a synth of other settings (differs in: {', '.join(diff)})", "choose another --out, or delete it to start over")
     return True
+
+
+def _just_opened(out: Path) -> bool:
+    """Whether ``out`` holds only what another task's ``_prepare`` makes before its marker lands."""
+    return all(e.name == PARTS for e in out.iterdir()) and all(e.name.startswith(".") for e in (out / PARTS).iterdir())
 
 
 def chunk_record_path(out: Path, chunk: int) -> Path:
@@ -190,11 +202,13 @@ class Synthesizer:
         self.out = Path(cfg.out)
         check_out(self.out, self.identity)  # before any model is loaded: a bad --out costs nothing
         check_writable(self.out)
-        check_generation(self.gen, teacher=self.source != "shapes" and cfg.min_agreement is not None)
+        teacher_gen = self.gen if cfg.teacher is None or cfg.teacher == (self.gen.get("teacher") or "mmdet") else {**self.gen, "teacher": cfg.teacher, "teacher_model": None}
+        check_generation(teacher_gen, teacher=self.source != "shapes" and cfg.min_agreement is not None)
         spec = PromptSpec(cfg.objects, self.gen.get("template") or GD_TEMPLATE, self.gen.get("template2") or GD_TEMPLATE_2).check()
         self.plan = Plan(list(cfg.classes), cfg.images_per_class, spec, cfg.seed)
         self.n_chunks = math.ceil(self.plan.total / cfg.chunk_size)
         self.rank, self.world = dist_env()
+        self.task = resolve_task(cfg.task)  # independent tasks: no process group between them
         self.size = int(self.gen["resolution"])
 
     # -- setup ---------------------------------------------------------------------------
@@ -229,13 +243,21 @@ class Synthesizer:
         --min-agreement asks for it (the shapes world's exact masks need none)."""
         if self.source == "shapes" or self.cfg.min_agreement is None:
             return None
-        from iosd.pipeline.teacher import build_teacher
+        from iosd.pipeline.teachers import build_teacher, options_from_config
         from iosd.recipes import CPU_STAND_INS
 
         g = self.gen
-        tiny = g.get("model") in CPU_STAND_INS and not g.get("teacher_config") and not g.get("teacher_checkpoint")
-        return build_teacher(g.get("teacher_config"), g.get("teacher_checkpoint"), device=str(self.loaded.device), score_thr=g.get("score_thr"),
-                             mask_thr=g.get("mask_thr") if g.get("mask_thr") is not None else 0.5, tiny=tiny, image_size=self.size, gt=g.get("gt") or "top")
+        tiny = g.get("model") in CPU_STAND_INS and not g.get("teacher_config") and not g.get("teacher_checkpoint") and not g.get("teacher_model")
+        if self.cfg.teacher is not None and self.cfg.teacher != (g.get("teacher") or "mmdet"):
+            # another teacher than the shards': its own defaults, none of the shards' teacher options
+            g = {k: v for k, v in g.items() if k not in ("score_thr", "mask_thr", "teacher_config", "teacher_checkpoint", "teacher_model")}
+            g["teacher"] = self.cfg.teacher
+            if tiny:  # random weights: no confidence to threshold on, as the tiny teacher
+                g["score_thr"] = 0.0
+        options = options_from_config({**g, "resolution": self.size}, str(self.loaded.device), tiny=tiny)
+        if options.name == "mmdet" and options.mask_thr is None:
+            options.mask_thr = 0.5
+        return build_teacher(options)
 
     def _teacher_record(self) -> dict | None:
         """What the agreement was measured against (None: not measured)."""
@@ -318,7 +340,7 @@ class Synthesizer:
             return [list(m) for m in out.exact_masks]
         if self.teacher is None:
             return [[None] * len(n) for n in names]
-        known = [[c for c in n if self.teacher.labels_for(c)] for n in names]
+        known = [[c for c in n if self.teacher.knows(c)] for n in names]
         labels = self.teacher.label(list(out.images), known)
         result = []
         for n, k, labs in zip(names, known, labels, strict=True):
@@ -366,7 +388,10 @@ class Synthesizer:
         self.setup()
         try:
             done = self.finished()
-            mine = [c for c in range(self.n_chunks) if c % self.world == self.rank and c not in done]
+            owned = [c for c in range(self.n_chunks) if self.task.owns(c, self.rank, self.world)]
+            mine = [c for c in owned if c not in done]
+            if self.rank == 0:
+                task_note(self.task, "chunks", len(owned), self.n_chunks)
             todo = sum(len(self.chunk_indices(c)) for c in mine)
             with stage_progress(self.rank == 0 and not self.cfg.quiet, todo, str(self.out), "synth") as advance:
                 for chunk in mine:
@@ -374,9 +399,19 @@ class Synthesizer:
         finally:
             self.close()
         _barrier(self.world)
-        report = self.assemble() if self.rank == 0 else {}
+        report = self._finish() if self.rank == 0 else {}
         _barrier(self.world)
         return report
+
+    def _finish(self) -> dict:
+        """Assemble the set (one task), or, for one of several independent tasks, when this
+        task finds every chunk's record present; otherwise {} (a later task assembles it; a
+        rerun of any task's command does too)."""
+        if self.task.count > 1 and len(self.finished()) < self.n_chunks:
+            if not self.cfg.quiet:
+                print(f"note: task {self.task.label()} is done; {self.n_chunks - len(self.finished())} of {self.n_chunks} chunks are still missing: the last task to finish writes {REPORT} (or rerun any task's command)", file=sys.stderr)
+            return {}
+        return self.assemble()
 
     def assemble(self) -> dict:
         """The set-wide files from every chunk's record: the format's index, preview.png, synth.json."""
@@ -420,4 +455,32 @@ def _read_rgb(path: Path) -> np.ndarray:
 
 def synthesize(cfg: SynthConfig) -> dict:
     """Run one synth to the end (resuming what is there); synth.json's content on rank 0."""
+    from iosd.store import is_remote
+
+    if is_remote(cfg.out):
+        return _synthesize_to_store(cfg)
     return Synthesizer(cfg).run()
+
+
+def _synthesize_to_store(cfg: SynthConfig) -> dict:
+    """``--out s3://...``: the export is built in a local staging directory (iosd.store.staging_dir)
+    that first takes what the URL already holds (so a rerun anywhere resumes from its chunk
+    records), then every file is uploaded whole: data, then records, then the set-wide files,
+    synth.json last. Chunks finished before a failure are uploaded too, when the store answers."""
+    import dataclasses
+
+    from iosd.store import RemoteStore, staging_dir
+
+    store = RemoteStore(cfg.out)
+    stage = staging_dir(cfg.out)
+    store.pull(stage)
+    try:
+        report = Synthesizer(dataclasses.replace(cfg, out=str(stage))).run()
+    except BaseException:
+        try:
+            store.push(stage, last=(REPORT,))
+        except Exception:
+            pass  # the store itself may be what failed: the first error is the one to report
+        raise
+    store.push(stage, last=(REPORT,))
+    return report

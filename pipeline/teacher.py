@@ -40,7 +40,7 @@ TINY_CONFIG = "mask-rcnn_r50_fpn_1x_coco"
 TINY_SEED = 0
 MMCV_FIX = "run `make mmcv` or scripts/install-mmcv.sh"
 CONFIG_FIX = f"pass an mmdet model-zoo config name such as {DEFAULT_CONFIG}, or a path to a .py config"
-UNKNOWN_CLASS_FIX = "use classes the detector knows (COCO names) or pass --teacher-config/--teacher-checkpoint for a detector that has them"
+UNKNOWN_CLASS_FIX = "use classes the detector knows (COCO names), pass --teacher-config/--teacher-checkpoint for a detector that has them, or --teacher sam3 (any class name)"
 
 # Globals old checkpoints pickle in their metadata that only rebuild data (numpy scalars,
 # arrays, dtypes; mmengine's log buffer); ``numpy.dtypes.*DType`` classes are checked apart.
@@ -356,6 +356,10 @@ class MaskRCNNTeacher:
     def labels_for(self, name: str) -> list[int]:
         """Detector label indices for a class name, matched through the synonym map."""
         return self._labels.get(_key(name), [])
+
+    def knows(self, name: str) -> bool:
+        """Whether a detector label matches the class (the teacher seam's question)."""
+        return bool(self.labels_for(name))
 
     def check_classes(self, names: Sequence[str]) -> None:
         """Refuse, before any work, class names no detector label matches."""

@@ -8,14 +8,17 @@ both its tar and its record exist.
 Beside ``dataset.json``, ``wids-index.json`` lists the same finished shards in the shard
 index format of ``wids`` (webdataset's random-access reader), with URLs relative to the
 directory, so ``wids.ShardListDataset("DIR/wids-index.json")`` reads the set as it is.
+
+The output may be an fsspec URL (``s3://bucket/set``): iosd.store spools each shard locally and
+uploads it whole before its record, so the same rules hold in an object store.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -23,9 +26,10 @@ import webdataset as wds
 
 from iosd import __version__
 from iosd.errors import UserError, name_path
-from iosd.manifest import check_schema, write_json_atomic
+from iosd.manifest import check_schema
 from iosd.projection import PROJECTION_NAME
 from iosd.schema import MANIFEST_NAME, SCHEMA_VERSION, SHARD_GLOB, shard_name
+from iosd.store import open_store, put_json
 
 PARTS_DIR = ".parts"
 WRITE_BUFFER = 8 << 20  # bytes per write() to the shard file (see _HashingSink)
@@ -73,23 +77,26 @@ class ShardSetWriter:
     """Owns one output directory: refuses foreign or differently-configured ones, resumes its own."""
 
     def __init__(self, out: str | Path, header: dict, n_shards: int, *, overwrite: bool = False) -> None:
-        self.out = Path(out)
+        self.store = open_store(out)  # a local directory (the fast path) or an fsspec URL: iosd/store.py
+        self.out = Path(out) if not self.store.remote else self.store.location  # a URL stays a string
         self.header = header  # manifest fields fixed by the config (identity, layout, ...)
         self.n_shards = n_shards
         self.overwrite = overwrite
-        self.parts = self.out / PARTS_DIR
+        self.parts = self.out / PARTS_DIR if not self.store.remote else f"{self.out}/{PARTS_DIR}"
+        self._read: dict[str, bytes] = {}  # records already read: each rebuild fetches only new ones
 
     # -- opening -----------------------------------------------------------------------
     def prepare(self) -> None:
         """Rank 0: make the directory ours (new, resumed, or overwritten) and write a first manifest."""
-        manifest_path = self.out / MANIFEST_NAME
-        if self.out.exists() and not self.out.is_dir():
+        manifest_path = self.store.shown(MANIFEST_NAME)
+        if self.store.is_file():
             raise UserError(f"--out {self.out} is a file", "choose a directory")
-        if self.out.exists() and any(self.out.iterdir()):
-            if not manifest_path.exists():
+        held = self.store.read_bytes(MANIFEST_NAME) if self.store.has_entries() else None
+        if self.store.has_entries() and not (held is None and self._just_opened()):
+            if held is None:
                 raise UserError(f"--out {self.out} holds files that are not an iosd shard set", "choose a new or empty directory")
             try:
-                old = check_schema(json.loads(manifest_path.read_text()), str(manifest_path))
+                old = check_schema(json.loads(held), manifest_path)
             except json.JSONDecodeError:
                 if not self.overwrite:
                     raise UserError(f"{manifest_path} is corrupt", "pass --overwrite to regenerate, or another --out") from None
@@ -103,33 +110,45 @@ class ShardSetWriter:
                     diff = sorted(k for k in set(old.get("identity", {})) | set(self.header["identity"]) if old.get("identity", {}).get(k) != self.header["identity"].get(k))
                     raise UserError(f"{self.out} was generated with a different config (differs in: {', '.join(diff)})", "pass --overwrite to replace it, or choose another --out")
                 self._clear()
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.parts.mkdir(exist_ok=True)
-            probe = self.out / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as err:
-            raise UserError(f"cannot write to --out {self.out} ({err.strerror})", "choose a writable directory") from None
+        self.store.make(PARTS_DIR)  # mkdir and a write probe (a URL: the endpoint, credentials and bucket)
         self.write_manifest()
+
+    def _just_opened(self) -> bool:
+        """Whether the directory holds only what another task's ``prepare`` makes before its first
+        manifest lands (tasks started together may each open the set; the identity check runs
+        on the manifest once there is one)."""
+        opening = (f".{MANIFEST_NAME}.", f".{WIDS_INDEX_NAME}.", ".write-test-")
+        for name in self.store.entries():
+            if name == PARTS_DIR:
+                if self.store.names(PARTS_DIR):
+                    return False
+            elif name != WIDS_INDEX_NAME and not name.startswith(opening):
+                return False
+        return True
 
     def _clear(self) -> None:
         """--overwrite: remove this set's own files only."""
-        for tar in self.out.glob(SHARD_GLOB):
-            tar.unlink()
-        shutil.rmtree(self.parts, ignore_errors=True)
-        (self.out / MANIFEST_NAME).unlink(missing_ok=True)
-        (self.out / WIDS_INDEX_NAME).unlink(missing_ok=True)
-        (self.out / PROJECTION_NAME).unlink(missing_ok=True)  # --project writes its own after this
+        self._read.clear()
+        for tar in self.store.names("", ".tar"):
+            if fnmatch.fnmatch(tar, SHARD_GLOB):
+                self.store.remove(tar)
+        self.store.remove_tree(PARTS_DIR)
+        self.store.remove(MANIFEST_NAME)
+        self.store.remove(WIDS_INDEX_NAME)
+        self.store.remove(PROJECTION_NAME)  # --project writes its own after this
 
     def _finished(self) -> dict[int, dict]:
         """Records of the shards whose tar and record both exist and agree in size."""
         finished = {}
-        for path in self.parts.glob("*.json"):
-            index = int(path.stem.rsplit("-", 1)[1])
+        listed = [f"{PARTS_DIR}/{n}" for n in self.store.names(PARTS_DIR, ".json")]
+        self._read.update(self.store.read_many([n for n in listed if n not in self._read]))
+        held = {n: self._read[n] for n in listed if n in self._read}
+        sizes = self.store.sizes([shard_name(int(n[:-5].rsplit("-", 1)[1])) for n in held])  # one listing for a URL
+        for name, data in held.items():
+            index = int(name[:-5].rsplit("-", 1)[1])
             try:
-                record = json.loads(path.read_text())
-                if (self.out / shard_name(index)).stat().st_size == record["bytes"]:
+                record = json.loads(data)
+                if sizes[shard_name(index)] == record["bytes"]:
                     finished[index] = record
             except (OSError, ValueError, KeyError):
                 pass  # missing tar, or a record cut short: regenerate the shard
@@ -143,8 +162,12 @@ class ShardSetWriter:
     def write_shard(self, index: int, samples: Iterable[dict], stats: dict) -> dict:
         """Write one shard's samples (WebDataset dicts) atomically; returns its record."""
         name = shard_name(index)
-        final = self.out / name
-        tmp = self.out / f".{name}.tmp-{os.getpid()}"
+        final = self.store.shown(name)
+        # a temp file beside the final name, unique among tasks on other machines too (same pid
+        # in two containers): a race on one shard leaves two, each renamed whole over the same
+        # final name. For a URL, a spool file uploaded whole once complete (iosd.store).
+        target = self.store.target(name)
+        tmp = target.tmp
         count = 0
         try:
             with open(tmp, "wb", buffering=WRITE_BUFFER) as f:
@@ -154,23 +177,36 @@ class ShardSetWriter:
                         sink.write(sample)
                         count += 1
                 f.flush()
-                os.fsync(f.fileno())
+                if target.durable:
+                    os.fsync(f.fileno())
             record = {"name": name, "index": index, "samples": count, "bytes": tmp.stat().st_size, "sha256": hashed.digest.hexdigest(), "stats": stats}
-            os.replace(tmp, final)
+            target.commit()
         except BaseException as err:
-            tmp.unlink(missing_ok=True)
-            name_path(err, final)  # a full disk names the shard, not "[Errno 28]" alone
+            target.discard()
+            name_path(err, final if target.durable else tmp)  # a full disk names the shard (a URL's: its spool file), not "[Errno 28]" alone
             raise
-        write_json_atomic(self.parts / f"shard-{index:06d}.json", record)
+        put_json(self.store, f"{PARTS_DIR}/shard-{index:06d}.json", record)
         return record
 
     def records(self) -> list[dict]:
         finished = self._finished()
         return [finished[i] for i in sorted(finished)]
 
-    def write_manifest(self) -> dict:
-        """Rebuild dataset.json from the header and every finished shard's record."""
-        recs = self.records()
+    def missing(self) -> list[int]:
+        """Planned shards without a finished tar and record."""
+        return sorted(set(range(self.n_shards)) - self.done())
+
+    def assemble(self) -> dict | None:
+        """Independent tasks: dataset.json and wids-index.json once every shard's record is
+        present (None before). Built from the records alone, so every task (or ``iosd-shards
+        merge``) that assembles writes the same bytes: running it twice, or racing, is harmless."""
+        if self.missing():
+            return None
+        return self.write_manifest()
+
+    def build_manifest(self, recs: list[dict] | None = None) -> dict:
+        """dataset.json's content from the header and the finished shards' records."""
+        recs = self.records() if recs is None else recs
         counts: dict = {}
         for rec in recs:
             add_counts(counts, rec["stats"])
@@ -186,6 +222,12 @@ class ShardSetWriter:
         }
         if counts.get("written"):
             manifest["features"] = {**manifest["features"], "stored_bytes_per_sample": round(feat_bytes / counts["written"])}
-        write_json_atomic(self.out / WIDS_INDEX_NAME, wids_index(recs, self.out.resolve().name))
-        write_json_atomic(self.out / MANIFEST_NAME, manifest)
+        return manifest
+
+    def write_manifest(self) -> dict:
+        """Rebuild dataset.json from the header and every finished shard's record."""
+        recs = self.records()
+        manifest = self.build_manifest(recs)
+        put_json(self.store, WIDS_INDEX_NAME, wids_index(recs, self.store.name))
+        put_json(self.store, MANIFEST_NAME, manifest)
         return manifest
