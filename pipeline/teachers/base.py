@@ -308,3 +308,61 @@ def box_prompted_masks(segmenter: torch.nn.Module, x: torch.Tensor, valid: tuple
         logits = out.pred_masks[i, : len(b), 0]
         result.append((masks_to_image(logits, frame, valid, shape) > mask_thr).cpu())
     return result
+
+
+class BoxThenMaskTeacher(PromptedTeacher):
+    """A text-prompted detector's boxes, then a box-prompted segmenter's masks: the detector
+    half (``_boxes``) is each teacher's own; grouping the queries by image, one segmenter
+    forward for every kept box of a batch and handing each query its masks are shared."""
+
+    detector: torch.nn.Module
+    segmenter: torch.nn.Module
+    specs: dict[str, dict]
+
+    def _boxes(self, pixels: torch.Tensor, per_image: list[list[int]], queries: list[Query], shape: tuple[int, int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Per query index: (scores, xyxy boxes in image pixels) of the instances it found."""
+        raise NotImplementedError
+
+    def _instances(self, pixels: torch.Tensor, queries: list[Query], shape: tuple[int, int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        per_image: list[list[int]] = [[] for _ in range(pixels.shape[0])]  # query indices of each image
+        for k, q in enumerate(queries):
+            per_image[q.image].append(k)
+        found = self._boxes(pixels, per_image, queries, shape)
+        sx, valid = prepare_pixels(pixels, self.specs["segmenter"], self.device, next(self.segmenter.parameters()).dtype)
+        image_boxes = [torch.cat([found[k][1] for k in ks]) if ks else torch.zeros(0, 4) for ks in per_image]
+        masks = box_prompted_masks(self.segmenter, sx, valid, image_boxes, shape, self.mask_thr)
+        results: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(queries)  # type: ignore[list-item]
+        for i, ks in enumerate(per_image):
+            start = 0
+            for k in ks:
+                scores, boxes = found[k]
+                results[k] = (masks[i][start : start + len(boxes)], scores.cpu())
+                start += len(boxes)
+        return results
+
+
+def build_parts(name: str, options: Any) -> tuple[list[tuple[str, dict, str, str | None]], torch.device, dict, dict[str, dict]]:
+    """What every teacher's ``build`` starts from: its models (role, spec, id, revision) after
+    --teacher-model, the device, its threshold defaults and a copy of each model's spec."""
+    from iosd.pipeline.teachers import teacher_spec, threshold_defaults
+
+    parts = resolve_models(name, teacher_spec(name), options.models)
+    return parts, torch.device(options.device), threshold_defaults(name), {role: dict(model) for role, model, _, _ in parts}
+
+
+def model_records(parts: list[tuple[str, dict, str, str | None]], tiny: bool) -> list[dict]:
+    """The manifest's record of each model: id and revision, or the tiny config it was built from."""
+    if tiny:
+        return [{"role": role, "id": "tiny", "config": f"{model['class']} tiny (random weights)", "revision": None} for role, model, _, _ in parts]
+    return [{"role": role, "id": ident, "revision": rev} for role, _, ident, rev in parts]
+
+
+def common_options(name: str, options: Any, defaults: dict, parts: list, device: torch.device) -> dict:
+    """The keyword arguments every prompted teacher takes from the options and its defaults."""
+    info = {"kind": "text-prompted", "name": name, "models": model_records(parts, options.tiny), "dtype": "float32", "random_weights": options.tiny,
+            "sources": {k: v["source"] for k, v in defaults.items()}}
+    return {
+        "score_thr": defaults["score_thr"]["value"] if options.score_thr is None else options.score_thr,
+        "mask_thr": defaults["mask_thr"]["value"] if options.mask_thr is None else options.mask_thr,
+        "gt": options.gt, "device": str(device), "synonyms": options.synonyms, "info": info,
+    }

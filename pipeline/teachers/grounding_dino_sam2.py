@@ -16,14 +16,14 @@ import torch
 
 from iosd.errors import UserError
 from iosd.pipeline.teachers.base import (
-    PromptedTeacher,
+    BoxThenMaskTeacher,
     Query,
-    box_prompted_masks,
+    build_parts,
+    common_options,
     half_dtype,
     load_pretrained,
     load_tokenizer,
     prepare_pixels,
-    resolve_models,
     seeded,
     top_boxes,
 )
@@ -88,7 +88,7 @@ def tiny_segmenter_config():
     )
 
 
-class GroundingDinoSam2Teacher(PromptedTeacher):
+class GroundingDinoSam2Teacher(BoxThenMaskTeacher):
     name = NAME
 
     def __init__(self, detector: torch.nn.Module, segmenter: torch.nn.Module, specs: dict[str, dict], text_thr: float, **kwargs) -> None:
@@ -113,10 +113,7 @@ class GroundingDinoSam2Teacher(PromptedTeacher):
         pad = self.tokenizer.pad_token_id or 0
         return torch.tensor([r + [pad] * (longest - len(r)) for r in rows]), spans
 
-    def _instances(self, pixels: torch.Tensor, queries: list[Query], shape: tuple[int, int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        per_image: list[list[int]] = [[] for _ in range(pixels.shape[0])]
-        for k, q in enumerate(queries):
-            per_image[q.image].append(k)
+    def _boxes(self, pixels: torch.Tensor, per_image: list[list[int]], queries: list[Query], shape: tuple[int, int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         input_ids, spans = self._text(per_image, queries)
         input_ids = input_ids.to(self.device)
         attention = (input_ids != (self.tokenizer.pad_token_id or 0)).long()
@@ -134,17 +131,7 @@ class GroundingDinoSam2Teacher(PromptedTeacher):
                 span = probs[i, :, a:b].max(-1).values
                 passed = (best[i] > self.score_thr) & (span > self.text_thr)
                 found[k] = top_boxes(span[passed], boxes_all[i][passed], -1.0)
-        sx, valid = prepare_pixels(pixels, self.specs["segmenter"], self.device, next(self.segmenter.parameters()).dtype)
-        image_boxes = [torch.cat([found[k][1] for k in ks]) if ks else torch.zeros(0, 4) for ks in per_image]
-        masks = box_prompted_masks(self.segmenter, sx, valid, image_boxes, shape, self.mask_thr)
-        results: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(queries)  # type: ignore[list-item]
-        for i, ks in enumerate(per_image):
-            start = 0
-            for k in ks:
-                scores, boxes = found[k]
-                results[k] = (masks[i][start : start + len(boxes)], scores.cpu())
-                start += len(boxes)
-        return results
+        return found
 
     def describe(self) -> dict:
         return {**super().describe(), "text_thr": self.text_thr}
@@ -155,34 +142,22 @@ def build(options: TeacherOptions) -> GroundingDinoSam2Teacher:
     (tiny) tiny random-weight configs of both with an offline WordPiece vocabulary."""
     from transformers import GroundingDinoForObjectDetection, Sam2Model
 
-    from iosd.pipeline.teachers import teacher_spec, threshold_defaults
-
-    spec = teacher_spec(NAME)
-    parts = resolve_models(NAME, spec, options.models)
-    device = torch.device(options.device)
-    defaults = threshold_defaults(NAME)
-    specs = {role: dict(model) for role, model, _, _ in parts}
+    parts, device, defaults, specs = build_parts(NAME, options)
     if options.tiny:
         tokenizer = tiny_tokenizer()
         detector = seeded(TINY_SEED, lambda: GroundingDinoForObjectDetection(tiny_detector_config(len(tokenizer))))
         segmenter = seeded(TINY_SEED + 1, lambda: Sam2Model(tiny_segmenter_config()))
         specs["detector"].update(image_size=TINY_DETECTOR_SIZE, max_text_tokens=TINY_TEXT_LEN)
         specs["segmenter"]["image_size"] = TINY_SEGMENTER_SIZE
-        models = [{"role": role, "id": "tiny", "config": f"{model['class']} tiny (random weights)", "revision": None} for role, model, _, _ in parts]
     else:
         (_, _, det_id, det_rev), (_, _, seg_id, seg_rev) = parts
         dtype = half_dtype(device, False)  # Grounding DINO's deformable attention is kept in float32
         detector = load_pretrained(GroundingDinoForObjectDetection, det_id, det_rev, dtype, NAME)
         segmenter = load_pretrained(Sam2Model, seg_id, seg_rev, dtype, NAME)
         tokenizer = load_tokenizer(det_id, det_rev, NAME)
-        models = [{"role": "detector", "id": det_id, "revision": det_rev}, {"role": "segmenter", "id": seg_id, "revision": seg_rev}]
     detector, segmenter = detector.to(device).eval(), segmenter.to(device).eval()
-    info = {"kind": "text-prompted", "name": NAME, "models": models, "dtype": "float32", "random_weights": options.tiny,
-            "sources": {k: v["source"] for k, v in defaults.items()}}
     return GroundingDinoSam2Teacher(
         detector, segmenter, specs, defaults["text_thr"]["value"] if not options.tiny else 0.0,
         tokenizer=tokenizer, max_tokens=int(specs["detector"]["max_text_tokens"]),
-        score_thr=defaults["score_thr"]["value"] if options.score_thr is None else options.score_thr,
-        mask_thr=defaults["mask_thr"]["value"] if options.mask_thr is None else options.mask_thr,
-        gt=options.gt, device=str(device), synonyms=options.synonyms, info=info,
+        **common_options(NAME, options, defaults, parts, device),
     )

@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from iosd.pipeline.teachers.base import (
-    PromptedTeacher,
+    BoxThenMaskTeacher,
     Query,
-    box_prompted_masks,
+    build_parts,
+    common_options,
     half_dtype,
     load_pretrained,
     load_tokenizer,
     prepare_pixels,
-    resolve_models,
     seeded,
     top_boxes,
 )
@@ -57,18 +57,15 @@ def tiny_segmenter_config():
     )
 
 
-class Owlv2SamTeacher(PromptedTeacher):
+class Owlv2SamTeacher(BoxThenMaskTeacher):
     name = NAME
 
     def __init__(self, detector: torch.nn.Module, segmenter: torch.nn.Module, specs: dict[str, dict], **kwargs) -> None:
         super().__init__(**kwargs)
         self.detector, self.segmenter, self.specs = detector, segmenter, specs
 
-    def _instances(self, pixels: torch.Tensor, queries: list[Query], shape: tuple[int, int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _boxes(self, pixels: torch.Tensor, per_image: list[list[int]], queries: list[Query], shape: tuple[int, int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         n_images = pixels.shape[0]
-        per_image: list[list[int]] = [[] for _ in range(n_images)]  # query indices of each image
-        for k, q in enumerate(queries):
-            per_image[q.image].append(k)
         most = max(len(p) for p in per_image)
         texts = [" "] * (n_images * most)  # as Owlv2Processor: images with fewer queries padded with " "
         for i, ks in enumerate(per_image):
@@ -87,19 +84,7 @@ class Owlv2SamTeacher(PromptedTeacher):
         for i, ks in enumerate(per_image):
             for j, k in enumerate(ks):
                 found[k] = top_boxes(scores_all[i, :, j], boxes_all[i], self.score_thr)
-        # SAM: per image every kept box of every query, in one forward
-        seg = self.specs["segmenter"]
-        sx, valid = prepare_pixels(pixels, seg, self.device, next(self.segmenter.parameters()).dtype)
-        image_boxes = [torch.cat([found[k][1] for k in ks]) if ks else torch.zeros(0, 4) for ks in per_image]
-        masks = box_prompted_masks(self.segmenter, sx, valid, image_boxes, shape, self.mask_thr)
-        results: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(queries)  # type: ignore[list-item]
-        for i, ks in enumerate(per_image):
-            start = 0
-            for k in ks:
-                scores, boxes = found[k]
-                results[k] = (masks[i][start : start + len(boxes)], scores.cpu())
-                start += len(boxes)
-        return results
+        return found
 
 
 def build(options: TeacherOptions) -> Owlv2SamTeacher:
@@ -107,13 +92,7 @@ def build(options: TeacherOptions) -> Owlv2SamTeacher:
     (tiny) tiny random-weight configs of both with CLIP's real tokenizer, built offline."""
     from transformers import Owlv2ForObjectDetection, SamModel
 
-    from iosd.pipeline.teachers import teacher_spec, threshold_defaults
-
-    spec = teacher_spec(NAME)
-    parts = resolve_models(NAME, spec, options.models)
-    device = torch.device(options.device)
-    defaults = threshold_defaults(NAME)
-    specs = {role: dict(model) for role, model, _, _ in parts}
+    parts, device, defaults, specs = build_parts(NAME, options)
     if options.tiny:
         from iosd.pipeline.tiny import clip_tokenizer
 
@@ -121,20 +100,14 @@ def build(options: TeacherOptions) -> Owlv2SamTeacher:
         segmenter = seeded(TINY_SEED + 1, lambda: SamModel(tiny_segmenter_config()))
         tokenizer = clip_tokenizer(pad_token="!")  # OWLv2's tokenizer pads with "!" (id 0)
         specs["detector"]["image_size"], specs["segmenter"]["image_size"] = TINY_DETECTOR_SIZE, TINY_SEGMENTER_SIZE
-        models = [{"role": role, "id": "tiny", "config": f"{model['class']} tiny (random weights)", "revision": None} for role, model, _, _ in parts]
     else:
         (_, _, det_id, det_rev), (_, _, seg_id, seg_rev) = parts
         dtype = half_dtype(device, False)  # OWLv2's box logits and SAM's masks are kept in float32
         detector = load_pretrained(Owlv2ForObjectDetection, det_id, det_rev, dtype, NAME)
         segmenter = load_pretrained(SamModel, seg_id, seg_rev, dtype, NAME)
         tokenizer = load_tokenizer(det_id, det_rev, NAME)
-        models = [{"role": "detector", "id": det_id, "revision": det_rev}, {"role": "segmenter", "id": seg_id, "revision": seg_rev}]
     detector, segmenter = detector.to(device).eval(), segmenter.to(device).eval()
-    info = {"kind": "text-prompted", "name": NAME, "models": models, "dtype": "float32", "random_weights": options.tiny,
-            "sources": {k: v["source"] for k, v in defaults.items()}}
     return Owlv2SamTeacher(
         detector, segmenter, specs, tokenizer=tokenizer, max_tokens=int(specs["detector"]["max_text_tokens"]),
-        score_thr=defaults["score_thr"]["value"] if options.score_thr is None else options.score_thr,
-        mask_thr=defaults["mask_thr"]["value"] if options.mask_thr is None else options.mask_thr,
-        gt=options.gt, device=str(device), synonyms=options.synonyms, info=info,
+        **common_options(NAME, options, defaults, parts, device),
     )
