@@ -129,12 +129,13 @@ def info(directory: Path, as_json: bool, scan: bool) -> None:
 
 
 @main.command()
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directory")
 @user_errors
-def merge(directory: Path) -> None:
+def merge(directory: str) -> None:
     """Write DIRECTORY/dataset.json and wids-index.json from the shards' records, once every
     planned shard is there: for a set made by independent tasks (iosd-gen --task I/N) whose
-    last task did not finish. Idempotent; an incomplete set names the missing shards."""
+    last task did not finish. Idempotent; an incomplete set names the missing shards.
+    DIRECTORY may be an fsspec URL (s3://bucket/set) where the tasks wrote to object storage."""
     from iosd.pipeline.tasks import merge_set
 
     click.echo(json.dumps(merge_set(directory)))

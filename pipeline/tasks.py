@@ -140,10 +140,11 @@ def merge_set(directory: str | os.PathLike) -> dict:
 
     from iosd.manifest import read_manifest
     from iosd.pipeline.writer import PARTS_DIR, ShardSetWriter
+    from iosd.store import is_remote, open_store
 
-    out = Path(directory)
+    out = str(directory).rstrip("/") if is_remote(directory) else Path(directory)  # a URL: the tasks wrote to an object store
     manifest = read_manifest(out)
-    if manifest.get("kind") != "iosd-shards" or not (out / PARTS_DIR).is_dir():
+    if manifest.get("kind") != "iosd-shards" or not open_store(out).names(PARTS_DIR, ".json"):
         raise UserError(f"{out} is not a shard set written by iosd-gen (no per-shard records)", "point at an iosd-gen --out directory")
     header = {k: v for k, v in manifest.items() if k not in COMPUTED}
     planned = int(manifest["planned_shards"])

@@ -233,3 +233,25 @@ def test_synth_writes_its_export_to_s3_and_a_rerun_resumes(trained, bucket, tmp_
     assert json.loads(_fs().cat_file(f"{bucket}/synth/synth.json"))["images"] == report["images"]
     trained = CliRunner().invoke(train_main, [url, "--steps", "1", "--out", str(tmp_path / "run2"), *TRAIN])
     assert trained.exit_code == 0, trained.output
+
+
+def test_independent_tasks_write_one_set_to_s3_and_merge_assembles_it(bucket):
+    """Two --task runs into one URL: the first leaves the set incomplete (merge names what is
+    missing), the second completes it; with the assembly lost (the last task killed before it),
+    merge rebuilds the same dataset.json from the records."""
+    from iosd.pipeline.shards_cli import main as shards_main
+
+    url = f"s3://{bucket}/tasks"
+    first = CliRunner().invoke(gen_main, [*GEN, "--task", "0/2", "--out", url])
+    assert first.exit_code == 0, first.output
+    partial = _fs().cat_file(f"{bucket}/tasks/dataset.json")  # the header and task 0's shards
+    early = CliRunner().invoke(shards_main, ["merge", url])
+    assert early.exit_code == 2 and "incomplete" in early.output and len(early.output.strip().splitlines()) == 1, early.output
+    second = CliRunner().invoke(gen_main, [*GEN, "--task", "1/2", "--out", url])
+    assert second.exit_code == 0, second.output
+    manifest = _check_set(bucket, "tasks")
+    assert manifest["complete"] and len(manifest["shards"]) == 3
+    _fs().pipe_file(f"{bucket}/tasks/dataset.json", partial)  # as if the last task died before assembling
+    merged = CliRunner().invoke(shards_main, ["merge", url])
+    assert merged.exit_code == 0 and json.loads(merged.output)["complete"], merged.output
+    assert _check_set(bucket, "tasks")["shards"] == manifest["shards"]
