@@ -655,20 +655,17 @@ class Generator:
         _barrier(self.world)
         return manifest
 
-
     def _finish(self) -> dict:
         """The final dataset.json (one task), or, for one of several independent tasks, the set
         assembled when this task finds it complete; otherwise the manifest as it stands,
         unwritten (the last task to finish, or ``iosd-shards merge``, writes it)."""
-        if self.task.count == 1:
-            return self.writer.write_manifest()
-        manifest = self.writer.assemble()
-        if manifest is not None:
-            return manifest
+        recs = self.writer.records()  # one listing of the set decides, and builds, what follows
+        missing = self.writer.missing(recs)
+        if self.task.count == 1 or not missing:
+            return self.writer.write_manifest(recs)
         if not self.cfg.quiet:
-            missing = self.writer.missing()
             _note(f"task {self.task.label()} is done; {len(missing)} of {self.plan.n_shards} shards are still missing: the last task to finish writes dataset.json (or run: iosd-shards merge {self.cfg.out})")
-        return self.writer.build_manifest()
+        return self.writer.build_manifest(recs)
 
 
 def shard_writers(workers: int) -> int:

@@ -140,22 +140,26 @@ def merge_set(directory: str | os.PathLike) -> dict:
 
     from iosd.manifest import read_manifest
     from iosd.pipeline.writer import PARTS_DIR, ShardSetWriter
-    from iosd.store import is_remote, open_store
+    from iosd.store import is_remote
 
     out = str(directory).rstrip("/") if is_remote(directory) else Path(directory)  # a URL: the tasks wrote to an object store
     manifest = read_manifest(out)
-    if manifest.get("kind") != "iosd-shards" or not open_store(out).names(PARTS_DIR, ".json"):
-        raise UserError(f"{out} is not a shard set written by iosd-gen (no per-shard records)", "point at an iosd-gen --out directory")
+    not_a_set = UserError(f"{out} is not a shard set written by iosd-gen (no per-shard records)", "point at an iosd-gen --out directory")
+    if manifest.get("kind") != "iosd-shards":
+        raise not_a_set
     header = {k: v for k, v in manifest.items() if k not in COMPUTED}
     planned = int(manifest["planned_shards"])
     writer = ShardSetWriter(out, header, planned)
-    missing = writer.missing()
+    if not writer.store.names(PARTS_DIR, ".json"):
+        raise not_a_set
+    recs = writer.records()
+    missing = writer.missing(recs)
     if missing:
         raise UserError(
             f"{out} is incomplete: {len(missing)} of {planned} shards are missing (shard {spans(missing)})",
             f"rerun the iosd-gen command that wrote it (its settings: iosd-shards info {out}), alone or as its tasks (shard s is task s % N's), then merge again",
         )
-    merged = writer.write_manifest()
+    merged = writer.write_manifest(recs)
     return {"out": str(out), "shards": len(merged["shards"]), "samples": sum(s["samples"] for s in merged["shards"]), "bytes": sum(s["bytes"] for s in merged["shards"]), "complete": merged["complete"]}
 
 

@@ -192,17 +192,17 @@ class ShardSetWriter:
         finished = self._finished()
         return [finished[i] for i in sorted(finished)]
 
-    def missing(self) -> list[int]:
-        """Planned shards without a finished tar and record."""
-        return sorted(set(range(self.n_shards)) - self.done())
+    def missing(self, recs: list[dict] | None = None) -> list[int]:
+        """Planned shards without a finished tar and record (``recs``: records already read)."""
+        recs = self.records() if recs is None else recs
+        return sorted(set(range(self.n_shards)) - {int(r["index"]) for r in recs})
 
     def assemble(self) -> dict | None:
         """Independent tasks: dataset.json and wids-index.json once every shard's record is
         present (None before). Built from the records alone, so every task (or ``iosd-shards
         merge``) that assembles writes the same bytes: running it twice, or racing, is harmless."""
-        if self.missing():
-            return None
-        return self.write_manifest()
+        recs = self.records()
+        return None if self.missing(recs) else self.write_manifest(recs)
 
     def build_manifest(self, recs: list[dict] | None = None) -> dict:
         """dataset.json's content from the header and the finished shards' records."""
@@ -224,9 +224,9 @@ class ShardSetWriter:
             manifest["features"] = {**manifest["features"], "stored_bytes_per_sample": round(feat_bytes / counts["written"])}
         return manifest
 
-    def write_manifest(self) -> dict:
+    def write_manifest(self, recs: list[dict] | None = None) -> dict:
         """Rebuild dataset.json from the header and every finished shard's record."""
-        recs = self.records()
+        recs = self.records() if recs is None else recs
         manifest = self.build_manifest(recs)
         put_json(self.store, WIDS_INDEX_NAME, wids_index(recs, self.store.name))
         put_json(self.store, MANIFEST_NAME, manifest)
