@@ -79,9 +79,14 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def json_text(obj: Any) -> str:
+    """The one JSON layout of iosd's files (a file written locally or put in a store is the same bytes)."""
+    return json.dumps(obj, indent=1, sort_keys=True)
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """JSON written with write_text_atomic."""
-    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
+    write_text_atomic(path, json_text(obj))
 
 
 def sha256_file(path: str | Path) -> str:

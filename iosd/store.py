@@ -17,7 +17,6 @@ room for the shards in flight (one per writer thread).
 from __future__ import annotations
 
 import functools
-import json
 import os
 import posixpath
 import secrets
@@ -29,7 +28,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from iosd.errors import RESUME, UserError, remote_error
-from iosd.manifest import write_bytes_atomic
+from iosd.manifest import json_text, write_bytes_atomic
 
 T = TypeVar("T")
 SPOOL_ENV = "IOSD_SPOOL_DIR"
@@ -372,5 +371,5 @@ def staging_dir(url: str) -> Path:
 
 
 def put_json(store: Store, name: str, obj: Any) -> None:
-    """JSON written whole, formatted as write_json_atomic writes it."""
-    store.put_bytes(name, json.dumps(obj, indent=1, sort_keys=True).encode("utf-8"))
+    """JSON written whole, in the layout write_json_atomic writes."""
+    store.put_bytes(name, json_text(obj).encode("utf-8"))
