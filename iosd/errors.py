@@ -57,16 +57,19 @@ def shown_path(filename: object) -> str | None:
     return os.sep.join(m.group("name") if (m := _TEMP_NAME.match(part)) else part for part in parts)
 
 
-def storage_error(err: BaseException, rerun: str = RESUME) -> UserError | None:
-    """The one-line UserError for a full disk or an unwritable output, None for other errors."""
+def storage_error(err: BaseException, rerun: str = RESUME, elsewhere: str | None = "pass --out elsewhere") -> UserError | None:
+    """The one-line UserError for a full disk or an unwritable output, None for other errors.
+    ``elsewhere``: the other way out besides freeing space or permissions (None: a command
+    that writes where its input is, such as ``iosd-shards merge``, has none)."""
     code = os_errno(err) if isinstance(err, OSError) or type(err).__name__ == "SafetensorError" else None
     path = shown_path(getattr(err, "filename", None))
+    other = f" or {elsewhere}" if elsewhere else ""
     if code in _DISK_FULL:
         where = f" writing {path}" if path else ""
-        return UserError(f"{_DISK_FULL[code]}{where}", f"free space or pass --out elsewhere, {rerun}")
+        return UserError(f"{_DISK_FULL[code]}{where}", f"free space{other}, {rerun}")
     if code in _NOT_WRITABLE:
         where = f" on {path}" if path else ""
-        return UserError(f"{_NOT_WRITABLE[code]}{where}", f"make it writable or pass --out elsewhere, {rerun}")
+        return UserError(f"{_NOT_WRITABLE[code]}{where}", f"make it writable{other}, {rerun}")
     return None
 
 

@@ -5,7 +5,8 @@ fsync, ``os.replace``). For a URL, each shard is written to a local spool file w
 hashed, then uploaded whole to its final key, and only then is its record written: an object
 store shows a key only once its upload completes, so no partial shard is ever visible under
 a final name, and resuming lists the records (and checks each tar's size) as on disk.
-``dataset.json`` and ``wids-index.json`` are put whole.
+``dataset.json`` and ``wids-index.json`` are put whole. Readers (``iosd-shards verify/info/show``)
+stream each member once through ``open``, the same for a directory and a URL.
 
 The endpoint and credentials come the fsspec/s3fs way: the standard environment
 (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ...) or fsspec's
@@ -24,7 +25,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlparse
 
 from iosd.errors import RESUME, UserError, remote_error
@@ -32,6 +33,7 @@ from iosd.manifest import json_text, write_bytes_atomic
 
 T = TypeVar("T")
 SPOOL_ENV = "IOSD_SPOOL_DIR"
+READ_BLOCK_SIZE = 16 << 20  # a URL read sequentially (iosd-shards verify): one ranged GET per 16 MiB
 
 
 def is_remote(target: str | os.PathLike) -> bool:
@@ -100,6 +102,13 @@ class LocalStore:
         """A member's bytes, None when it is not there."""
         path = self.root / name
         return path.read_bytes() if path.exists() else None
+
+    def open(self, name: str) -> BinaryIO | None:
+        """A member opened for one sequential read (a context manager), None when it is not there."""
+        try:
+            return open(self.root / name, "rb")
+        except FileNotFoundError:
+            return None
 
     def entries(self) -> list[str]:
         """Names directly in the directory (files and folders)."""
@@ -185,7 +194,7 @@ class RemoteStore:
         return base_name(self.location)
 
     def shown(self, name: str) -> str:
-        return f"{self.location}/{name}"
+        return f"{self.location}/{name}" if name else self.location
 
     def _key(self, name: str) -> str:
         return f"{self.root}/{name}" if name else self.root
@@ -207,7 +216,7 @@ class RemoteStore:
             try:
                 return self.fs.ls(self._key(subdir), detail=True, refresh=True)
             except FileNotFoundError as err:
-                if "bucket" in str(err).lower():
+                if _missing_bucket(err):
                     raise
                 return []  # an empty prefix: nothing there yet
 
@@ -230,11 +239,27 @@ class RemoteStore:
             try:
                 return self.fs.cat_file(self._key(name))
             except FileNotFoundError as err:
-                if "bucket" in str(err).lower():
+                if _missing_bucket(err):
                     raise
                 return None
 
         return self._call("read", name, cat)
+
+    def open(self, name: str) -> BinaryIO | None:
+        """An object streamed once from start to end (ranged GETs of READ_BLOCK_SIZE, never the
+        whole object in memory or on disk); None when it is not there. Each read's store fault
+        (a dropped connection, a timeout) is one line naming the object, as every call's."""
+
+        def op():
+            try:
+                return self.fs.open(self._key(name), "rb", block_size=READ_BLOCK_SIZE, cache_type="readahead")
+            except FileNotFoundError as err:
+                if _missing_bucket(err):
+                    raise
+                return None
+
+        f = self._call("read", name, op)
+        return None if f is None else _StoreReader(self, name, f)
 
     def entries(self) -> list[str]:
         """Names directly under the prefix (objects and "folders")."""
@@ -346,6 +371,32 @@ class RemoteStore:
             path.unlink(missing_ok=True)
 
         return Target(path, upload, durable=False)
+
+
+class _StoreReader:
+    """A RemoteStore object open for reading: ``read`` and ``close`` through the store's fault lines."""
+
+    def __init__(self, store: RemoteStore, name: str, f) -> None:
+        self.store, self.name, self.f = store, name, f
+
+    def read(self, size: int = -1) -> bytes:
+        return self.store._call("read", self.name, lambda: self.f.read(size))
+
+    def close(self) -> None:
+        self.f.close()
+
+    def __enter__(self) -> _StoreReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _missing_bucket(err: FileNotFoundError) -> bool:
+    """A missing bucket (S3's NoSuchBucket: "The specified bucket does not exist"), not a missing
+    key: the key's error names its path, which may well hold "bucket" (s3://my-bucket/...)."""
+    text = str(err).lower()
+    return "specified bucket" in text or "nosuchbucket" in text
 
 
 def _reraise(err: BaseException) -> None:

@@ -1,6 +1,7 @@
 """``iosd-shards``: verify a shard set against its manifest, summarise it, preview it as a PNG.
 
-Thin printing layer over ``iosd.pipeline.verify``.
+Thin printing layer over ``iosd.pipeline.verify``. DIRECTORY is a local directory or an
+fsspec URL (s3://bucket/set, gs://...): both go through ``iosd.store``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -33,12 +35,13 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directory")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @user_errors
-def verify(directory: Path, quiet: bool) -> None:
+def verify(directory: str, quiet: bool) -> None:
     """Check every shard listed in DIRECTORY/dataset.json: present, size, sha256, readable to the
-    end, every sample complete and decodable. Exit code 1 names each bad shard."""
+    end, every sample complete and decodable. Exit code 1 names each bad shard. DIRECTORY may
+    be an fsspec URL (s3://bucket/set): each shard is streamed once, nothing is kept."""
     from iosd.pipeline import verify as shardcheck  # here, not at the top: --help stays instant
 
     total = shardcheck.bytes_to_read(directory)
@@ -58,9 +61,9 @@ def verify(directory: Path, quiet: bool) -> None:
     if report.ok:
         out.print(f"[green]OK[/]: {summary}")
         return
-    out.print(f"[red]FAILED[/]: {len(report.problems)} problem(s); {summary}")
+    out.print(f"[red]FAILED[/]: {len(report.problems)} problem(s) in {escape(report.directory)}; {summary}")
     if any(p.kind in (shardcheck.MISSING, shardcheck.CORRUPT) for p in report.problems):
-        out.print("fix: delete the corrupt tars and rerun the iosd-gen command that wrote this set: it regenerates exactly the missing shards")
+        out.print(f"fix: delete the corrupt tars and rerun the iosd-gen command that wrote this set (--out {report.directory}): it regenerates exactly the missing shards", markup=False)
     sys.exit(1)
 
 
@@ -111,12 +114,13 @@ def _info_tables(info: dict) -> list[Table]:
 
 
 @main.command()
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directory")
 @click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON")
 @click.option("--scan", is_flag=True, help="count classes from every sample's JSON instead of the manifest")
 @user_errors
-def info(directory: Path, as_json: bool, scan: bool) -> None:
-    """Summarise a shard set: size, classes, feature layout, generation config."""
+def info(directory: str, as_json: bool, scan: bool) -> None:
+    """Summarise a shard set (a directory or an fsspec URL): size, classes, feature layout,
+    generation config."""
     from iosd.pipeline import verify as shardcheck
 
     summary = shardcheck.summarize(directory, scan=scan)
@@ -142,13 +146,14 @@ def merge(directory: str) -> None:
 
 
 @main.command()
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directory")
 @click.option("--n", "count", type=int, default=16, help="how many samples")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="PNG to write [default: DIRECTORY/preview.png]")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="PNG to write, always locally [default: DIRECTORY/preview.png; for a URL ./NAME-preview.png]")
 @click.option("--ncols", type=int, default=4, help="tiles per row")
 @user_errors
-def show(directory: Path, count: int, out: Path | None, ncols: int) -> None:
-    """Render the first samples with their masks and class scores as a PNG grid."""
+def show(directory: str, count: int, out: Path | None, ncols: int) -> None:
+    """Render the first samples with their masks and class scores as a PNG grid. DIRECTORY
+    may be an fsspec URL (s3://bucket/set): only the first shards are read."""
     from iosd.pipeline import verify as shardcheck
 
     path = shardcheck.preview(directory, count, out, ncols=ncols)

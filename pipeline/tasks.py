@@ -22,7 +22,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from iosd.errors import UserError
+from iosd.errors import UserError, storage_error
 
 TASK_COUNT_ENV = "IOSD_TASK_COUNT"
 SLURM_ID, SLURM_COUNT, SLURM_MIN, SLURM_STEP = "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP"
@@ -159,7 +159,13 @@ def merge_set(directory: str | os.PathLike) -> dict:
             f"{out} is incomplete: {len(missing)} of {planned} shards are missing (shard {spans(missing)})",
             f"rerun the iosd-gen command that wrote it (its settings: iosd-shards info {out}), alone or as its tasks (shard s is task s % N's), then merge again",
         )
-    merged = writer.write_manifest(recs)
+    try:
+        merged = writer.write_manifest(recs)
+    except OSError as err:  # the set's own directory: no --out to pass elsewhere
+        line = storage_error(err, f"then rerun iosd-shards merge {out}", elsewhere=None)
+        if line is None:
+            raise
+        raise line from None
     return {"out": str(out), "shards": len(merged["shards"]), "samples": sum(s["samples"] for s in merged["shards"]), "bytes": sum(s["bytes"] for s in merged["shards"]), "complete": merged["complete"]}
 
 

@@ -127,13 +127,14 @@ def main(arms: str, seeds: str, samples: int, steps: int, images_per_class: int,
 
 
 def markdown(rows: dict) -> str:
-    """The table docs/cpu-world.md shows: mIoU in % (mean ± spread over seeds)."""
+    """The table docs/cpu-world.md shows: mIoU in % (the head's mean ± spread over its seeds)."""
     cols = [("one/head/seen", "head seen"), ("one/head/unseen", "head unseen"), ("one/daam/seen", "DAAM seen"), ("one/daam/unseen", "DAAM unseen"),
             ("seen+seen/head/seen", "S+S head"), ("seen+unseen/head/seen", "S+U head seen"), ("seen+unseen/head/unseen", "S+U head unseen"),
             ("unseen+unseen/head/unseen", "U+U head"), ("unseen+unseen/head/worst_class", "U+U worst class"), ("unseen+unseen/daam/unseen", "U+U DAAM")]
     lines = ["| arm | " + " | ".join(t for _, t in cols) + " |", "|---|" + "---:|" * len(cols)]
     for arm, row in rows.items():
-        cells = [f"{100 * row[k]['mean']:.1f} ± {100 * row[k]['std']:.1f}" if k in row else "-" for k, _ in cols]
+        # DAAM has no head to train: one number per generator, the same for every head seed
+        cells = [("-" if k not in row else f"{100 * row[k]['mean']:.1f}" if "daam" in k else f"{100 * row[k]['mean']:.1f} ± {100 * row[k]['std']:.1f}") for k, _ in cols]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

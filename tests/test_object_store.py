@@ -79,8 +79,8 @@ def _check_set(bucket: str, prefix: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def trained(s3_server, tmp_path_factory):
-    """A set iosd-gen wrote to s3:// and a head iosd-train trained from it (made once)."""
+def generated(s3_server, tmp_path_factory):
+    """A set iosd-gen wrote to s3:// (made once)."""
     root = tmp_path_factory.mktemp("s3")
     with pytest.MonkeyPatch.context() as mp:
         _use(mp, s3_server.get_host_and_port()[1])
@@ -91,9 +91,19 @@ def trained(s3_server, tmp_path_factory):
         result = CliRunner().invoke(gen_main, [*GEN, "--out", url])
         assert result.exit_code == 0, result.output
         assert list(root.iterdir()) == [], "spool files are removed once uploaded"
+    return {"bucket": bucket, "url": url, "root": root}
+
+
+@pytest.fixture(scope="module")
+def trained(s3_server, generated):
+    """generated's set and a head iosd-train trained from it (made once)."""
+    url, root = generated["url"], generated["root"]
+    with pytest.MonkeyPatch.context() as mp:
+        _use(mp, s3_server.get_host_and_port()[1])
+        mp.setenv("IOSD_SPOOL_DIR", str(root))
         trained = CliRunner().invoke(train_main, [url, "--steps", "2", "--out", str(root / "run"), *TRAIN])
         assert trained.exit_code == 0, trained.output
-    return {"bucket": bucket, "url": url, "run": root / "run"}
+    return {"bucket": generated["bucket"], "url": url, "run": root / "run"}
 
 
 def test_gen_writes_a_set_whose_sha256s_hold_and_a_rerun_resumes(trained, bucket):
@@ -255,3 +265,88 @@ def test_independent_tasks_write_one_set_to_s3_and_merge_assembles_it(bucket):
     merged = CliRunner().invoke(shards_main, ["merge", url])
     assert merged.exit_code == 0 and json.loads(merged.output)["complete"], merged.output
     assert _check_set(bucket, "tasks")["shards"] == manifest["shards"]
+
+
+# -- iosd-shards verify/info/show on a URL ---------------------------------------------------
+def _shards(*args: str):
+    from iosd.pipeline.shards_cli import main as shards_main
+
+    return CliRunner().invoke(shards_main, [str(a) for a in args])
+
+
+def _problems(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.split(" ", 1)[0] in {"MISSING", "CORRUPT", "EXTRA", "INCOMPLETE", "MANIFEST"}]
+
+
+def test_shards_verify_info_show_read_a_set_in_s3_as_on_disk(generated, bucket, tmp_path, monkeypatch):
+    """verify passes iosd-gen's set at its URL; info's JSON is the downloaded copy's (the
+    location aside), --scan included; show writes its PNG locally (--out, else ./NAME-preview.png).
+    (``bucket``: the AWS_* environment pointing at the server.)"""
+    from PIL import Image
+
+    b, url = generated["bucket"], generated["url"]
+    checked = _shards("verify", url, "--quiet")
+    assert checked.exit_code == 0 and "OK" in checked.output and "6 samples decoded" in checked.output, checked.output
+    local = tmp_path / "copy"
+    _fs().get(f"{b}/set/", str(local), recursive=True)
+    for extra in ([], ["--scan"]):
+        remote = _shards("info", url, "--json", *extra)
+        here = _shards("info", local, "--json", *extra)
+        assert remote.exit_code == 0 and here.exit_code == 0, (remote.output, here.output)
+        remote_info, local_info = json.loads(remote.output), json.loads(here.output)
+        assert remote_info.pop("directory") == url and local_info.pop("directory") == str(local)
+        assert remote_info == local_info and (remote_info["shards"], remote_info["samples"]) == (3, 6)
+    assert _shards("info", url).exit_code == 0  # the tables
+    shown = _shards("show", url, "--n", "3", "--out", tmp_path / "pics" / "three.png")
+    assert shown.exit_code == 0, shown.output
+    assert Image.open(tmp_path / "pics" / "three.png").size[0] == 3 * 192
+    monkeypatch.chdir(tmp_path)
+    assert _shards("show", url, "--n", "1").exit_code == 0 and (tmp_path / "set-preview.png").is_file()
+    assert not _fs().exists(f"{b}/set/preview.png")
+
+
+def test_shards_verify_catches_altered_truncated_and_missing_shard_objects(generated, bucket):
+    """A copy of the set in another bucket: a flipped byte (same size) fails its sha256, a cut
+    object is truncated, a deleted one is missing; show and info --scan name a missing shard's
+    URL in one line."""
+    fs, src = _fs(), f"{generated['bucket']}/set"
+    for key in fs.find(src):
+        fs.copy(key, f"{bucket}/copy/{key[len(src) + 1:]}")
+    url = f"s3://{bucket}/copy"
+    data = bytearray(fs.cat_file(f"{bucket}/copy/shard-000000.tar"))
+    data[len(data) // 3] ^= 0x01
+    fs.pipe_file(f"{bucket}/copy/shard-000000.tar", bytes(data))
+    fs.pipe_file(f"{bucket}/copy/shard-000001.tar", fs.cat_file(f"{bucket}/copy/shard-000001.tar")[:1024])
+    fs.rm_file(f"{bucket}/copy/shard-000002.tar")
+    result = _shards("verify", url, "--quiet")
+    assert result.exit_code == 1, result.output
+    lines = _problems(result.output)
+    assert len(lines) == 3, result.output
+    assert lines[0].startswith("CORRUPT    shard-000000.tar") and "sha256 differs" in lines[0], lines
+    assert lines[1].startswith("CORRUPT    shard-000001.tar: truncated: 1024 bytes"), lines
+    assert lines[2] == "MISSING    shard-000002.tar: file not found", lines
+    assert f"problem(s) in {url};" in result.output and f"--out {url}" in result.output
+    fs.rm_file(f"{bucket}/copy/shard-000000.tar")
+    for args in (["show", url], ["info", url, "--scan"]):
+        failed = _shards(*args)
+        assert failed.exit_code == 2 and len(failed.output.strip().splitlines()) == 1, failed.output
+        assert f"{url}/shard-000000.tar is missing" in failed.output and f"run iosd-shards verify {url}" in failed.output
+
+
+def test_shards_commands_on_an_unreachable_or_missing_set_are_one_line(s3_server, monkeypatch, bucket):
+    """An unreachable endpoint, a missing bucket, a missing prefix (also in a bucket whose name
+    holds "bucket": a missing key is not a missing bucket) end in one line naming the URL."""
+    named = f"my-bucket-{uuid.uuid4().hex[:8]}"
+    _fs().mkdir(named)
+    cases = [
+        (_closed_port(), "s3://nowhere/set", "cannot reach the object store"),
+        (s3_server.get_host_and_port()[1], f"s3://no-such-{uuid.uuid4().hex[:8]}/set", "does not exist"),
+        (s3_server.get_host_and_port()[1], f"s3://{bucket}/nothing-here", "has no dataset.json"),
+        (s3_server.get_host_and_port()[1], f"s3://{named}/nothing-here", "has no dataset.json"),
+    ]
+    for port, url, said in cases:
+        _use(monkeypatch, port, attempts=1)
+        for command in ("verify", "info", "show"):
+            result = _shards(command, url)
+            assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, (command, result.output)
+            assert said in result.output and url in result.output and "Traceback" not in result.output, (command, result.output)

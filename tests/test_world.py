@@ -84,6 +84,8 @@ def test_a_trained_world_carries_its_provenance(micro_world):
     assert record["script"] == "scripts/train-world.py" and record["world"] == "world-sdxl" and record["family"] == "sdxl"
     assert record["config"]["seed"] == 0 and record["unet"]["steps"] == MICRO["unet_steps"] and record["unet"]["final_loss"] > 0
     assert record["palette"] == "random" and verify_world("world-sdxl", root)["sha256"] == digests
+    names = record["names"]  # how far apart its text conditioning keeps the class names
+    assert names["pairs"] == 66 and 0 < names["variance_in_top_components"][0] <= names["variance_in_top_components"][-1] <= 1
     mode = 0o666 & ~current_umask()
     assert all(p.stat().st_mode & 0o777 == mode for p in root.rglob("*") if p.is_file())  # not safetensors' 0o600
 
@@ -97,6 +99,34 @@ def test_shipped_world_matches_its_provenance(name):
     assert record["script"] == "scripts/train-world.py" and record["world"] == name and record["config"]["seed"] == 0
     assert record["palette"] == "random" and record["family"] == WORLDS[name]["family"]
     assert sum(p.stat().st_size for p in root.rglob("*")) < MAX_WORLD_BYTES
+
+
+def test_name_geometry_sees_names_that_point_the_same_way():
+    import torch
+
+    from iosd.train.name_geometry import centred_cosines
+
+    # two names nearly alike, one opposite them, one apart: what they share (the mean) removed
+    cos = centred_cosines(torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.05, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]))
+    assert cos[0, 1] > 0.95 and cos[0, 2] < -0.5 and abs(float(cos[0, 0]) - 1) < 1e-6
+
+
+# The cause of the unmet target in tests/test_learning.py, measured (scripts/world-queries.py,
+# 2026-12-07): world-sdxl's trained text encoders put its twelve class names on about one axis
+# (91.7% of their centred variance in one direction; square and heart at cosine 0.991, heart and
+# hexagon 0.951), so no head can transfer to an unseen name along directions the seen ones do
+# not span. Strict: it passes the day a retrained world keeps its names apart.
+@pytest.mark.xfail(strict=True, reason="world-sdxl's class names lie on about one axis (docs/cpu-world.md)")
+def test_shipped_world_keeps_its_class_names_apart():
+    from iosd.pipeline.models import load_model
+    from iosd.train.name_geometry import name_geometry
+
+    if not (world_dir("world-sdxl") / PROVENANCE).exists():
+        pytest.fail("the trained world is missing: python scripts/train-world.py --world world-sdxl")
+    names = verify_world("world-sdxl")["classes"]
+    geometry = name_geometry(load_model("world-sdxl", device="cpu").pipe, names)
+    assert geometry["variance_in_top_components"][0] <= 0.5, geometry["variance_in_top_components"]
+    assert geometry["pairs_above_0.9"] == 0, geometry["closest_pairs"]
 
 
 @pytest.fixture

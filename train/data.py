@@ -25,6 +25,7 @@ import json
 import math
 import mmap
 import os
+import posixpath
 import random
 import tarfile
 from collections import Counter
@@ -49,6 +50,20 @@ ON_CORRUPT = ("warn", "fail")
 
 class ShardError(Exception):
     """A shard that cannot be read to its end (missing, truncated, not a tar)."""
+
+
+class DamagedShard(UserError):
+    """--on-corrupt fail met a shard it cannot read: ``fix`` says how to repair the set; the
+    trainer adds how to go on (--resume once a checkpoint is saved)."""
+
+
+SKIP_HINT = "or pass --on-corrupt warn to skip it"
+
+
+def shard_fix(url: str) -> str:
+    """How to repair the set of a shard that is missing or damaged."""
+    where = posixpath.dirname(url) if is_url(url) else os.path.dirname(url) or "."
+    return f"check the set with iosd-shards verify {where}, restore the shard or delete it and rerun the iosd-gen command that wrote the set (it regenerates exactly the missing shards)"
 
 
 class SampleError(Exception):
@@ -140,6 +155,8 @@ def _mapped_samples(url: str, path: str) -> Iterator[dict]:
     sample of its shard, not every page of it read so far."""
     try:
         f = open(path, "rb")
+    except FileNotFoundError:
+        raise ShardError(f"{url}: missing (removed after the run began?)") from None
     except OSError as err:
         raise ShardError(f"{url}: cannot open ({type(err).__name__}: {err})") from None
     current: dict | None = None
@@ -151,7 +168,7 @@ def _mapped_samples(url: str, path: str) -> Iterator[dict]:
                 raise tarfile.ReadError("empty file")
             mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             view = memoryview(mapping)
-            for info in tar_members(view, f):
+            for info in _checked(tar_members(view, f), f, size):
                 if not info.isfile:
                     continue
                 end = info.offset_data + info.size
@@ -168,6 +185,7 @@ def _mapped_samples(url: str, path: str) -> Iterator[dict]:
                     current, span = {"__key__": prefix, "__url__": url}, [info.offset, end]
                 if suffix in current:
                     raise tarfile.ReadError(f"duplicate file name {info.name}")
+                _same_size(f, size)  # the member's pages are about to be read (below, or by the consumer)
                 data = view[info.offset_data : end]
                 current[suffix] = data if suffix in _VIEWED else bytes(data)
                 span[1] = end
@@ -176,6 +194,25 @@ def _mapped_samples(url: str, path: str) -> Iterator[dict]:
     if current is not None:
         yield current
         _drop_pages(mapping, *span)
+
+
+def _same_size(f, size: int) -> None:
+    """``tarfile.ReadError`` once the mapped file is shorter than when it was mapped: truncated
+    while training reads it. Checked before mapped pages are read, since touching one past the
+    new end of the file is SIGBUS (the process dies, no exception); an ``fstat``, ~1 us."""
+    now = os.fstat(f.fileno()).st_size
+    if now < size:
+        raise tarfile.ReadError(f"the file shrank from {size} to {now} bytes while being read (truncated)")
+
+
+def _checked(found: Iterator, f, size: int) -> Iterator:
+    """The members ``found``, the file's size checked before each next header is read."""
+    while True:
+        _same_size(f, size)
+        try:
+            yield next(found)
+        except StopIteration:
+            return
 
 
 _VIEWED = (EXT_FEAT, EXT_IMAGE)  # the large members stay views of the mapping (training never decodes the image)
@@ -577,11 +614,14 @@ class _Reader:
         self.rank, self.world = rank, world
         self.image_side = ((shard_set.manifest or {}).get("image_size") or [None])[0]
 
-    def _problem(self, message: str) -> dict | None:
-        """A note for the trainer to print (warn), or an error batch that stops training (fail)."""
-        if self.on_corrupt == "fail":
-            return {"error": (f"corrupt input: {message}", "repair or remove it, or pass --on-corrupt warn to skip it")}
-        return None
+    def _problem(self, message: str, shard: str | None = None) -> dict | None:
+        """A note for the trainer to print (warn), or an error batch that stops training (fail);
+        ``shard``: the shard itself cannot be read (its fix repairs the set)."""
+        if self.on_corrupt != "fail":
+            return None
+        if shard is not None:
+            return {"error": (f"unreadable shard {message}", shard_fix(shard)), "shard": shard}
+        return {"error": (f"corrupt input: {message}", f"repair or remove it, {SKIP_HINT}")}
 
     def _read(self, url: str, start: int, notes: list[str], stats: Counter, builder: BatchBuilder) -> Iterator[tuple[int, dict | None]]:
         """(index after this sample, item or None) for one shard, from sample ``start``; each
@@ -609,7 +649,7 @@ class _Reader:
                 yield index + 1, item
         except ShardError as err:
             stats["corrupt_shards"] += 1
-            error = self._problem(str(err))
+            error = self._problem(str(err), url)
             if error:
                 yield start, error
                 return
@@ -772,7 +812,7 @@ class TrainLoader:
         if "arena" in batch:
             self._from_arena(batch, *batch.pop("arena"))
         if "error" in batch:
-            raise UserError(*batch["error"])
+            raise (DamagedShard if "shard" in batch else UserError)(*batch["error"])
         for message in batch.pop("notes", []):
             note(message)
         self.positions[batch.pop("worker")] = tuple(batch.pop("position"))
@@ -835,7 +875,8 @@ def val_batches(stream: ValStream, workers: int, note) -> Iterator[dict]:
         options["multiprocessing_context"] = _mp_context()
     for batch in DataLoader(stream, **options):
         if "error" in batch:
-            raise UserError(*batch["error"])
+            problem, fix = batch["error"]
+            raise UserError(problem, f"{fix}, {SKIP_HINT}" if "shard" in batch else fix)
         for message in batch.pop("notes", []):
             note(message)
         if not batch.get("empty"):

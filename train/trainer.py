@@ -21,13 +21,15 @@ import torch
 
 from iosd import __version__
 from iosd.choices import LOSS_SIZES, SCHEDULES, SUBSETS
-from iosd.errors import UserError
+from iosd.errors import UserError, storage_error
 from iosd.manifest import layout_mismatch
 from iosd.projection import for_shard_set as projection_for
 from iosd.recipes import FAST_RECIPE, Resolved, check_recipe_layout, get_recipe, recipe_of, resolve
 from iosd.train import checkpoint as ckpt
 from iosd.train.data import (
     ON_CORRUPT,
+    SKIP_HINT,
+    DamagedShard,
     DecodeSpec,
     TrainLoader,
     TrainStream,
@@ -200,12 +202,9 @@ class Trainer:
             if diff:
                 raise UserError(f"--val {cfg.val} does not match the training shards' feature layout: {diff}", "validate on shards generated with the same model and --layers")
         if self.env.main:
+            self._check_writable()  # before the run directory is cleared and before any step
             if self.start_over:
                 self._clear_run_dir()
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as err:
-                raise UserError(f"cannot create --out {self.run_dir} ({err.strerror})", "choose a writable directory") from None
         self.env.barrier()
 
     def _with_recipe(self, cfg: TrainConfig) -> tuple[TrainConfig, Resolved]:
@@ -246,6 +245,22 @@ class Trainer:
             raise UserError(f"{d} already holds a training run", "pass --resume to continue it, --overwrite to start over, or another --out")
         # a run cut off before its first checkpoint (or --overwrite): start it over, cleanly
         self.start_over = True
+
+    def _check_writable(self) -> None:
+        """Create --out and prove it takes a file (a zero-byte probe, written and removed): an
+        unwritable run directory (permissions, a read-only mount) stops here in one line, not
+        at the first log line or checkpoint after minutes of training."""
+        d = self.run_dir
+        probe = d / f".write-test-{os.getpid()}.tmp"
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+            fix = "make it writable, then rerun with --resume" if self.cfg.resume else "make it writable or pass another --out, then rerun"
+            raise UserError(f"cannot write to --out {d} ({err.strerror})", fix) from None
 
     def _clear_run_dir(self) -> None:
         for path in self.run_dir.iterdir():  # only run files and temp leftovers (checked above)
@@ -450,7 +465,7 @@ class Trainer:
         tick = time.perf_counter()
         try:
             while self.step < cfg.steps:
-                batch = self._to_device(loader.next(self.note))
+                batch = self._to_device(self._next_batch(loader))
                 loader.copied()
                 loss = self.train_step(batch)
                 self.step += 1
@@ -487,6 +502,15 @@ class Trainer:
                     tick = time.perf_counter()
                 if stop:
                     break
+        except RuntimeError as err:
+            if "DataLoader worker" not in str(err):
+                raise
+            raise self._worker_died(err) from None
+        except Exception as err:  # a full disk or an unwritable file mid-run: --resume only once a checkpoint is saved
+            line = storage_error(err, self._then())
+            if line is None:
+                raise
+            raise line from None
         finally:
             if previous_handler is not None:
                 signal.signal(signal.SIGINT, previous_handler)
@@ -514,6 +538,25 @@ class Trainer:
         env.barrier()
         env.close()
         return summary
+
+    def _next_batch(self, loader: TrainLoader) -> dict:
+        """The loader's next batch; a shard that cannot be read (removed or truncated since the
+        run began) ends the run in one line: the shard, how to repair the set, how to go on."""
+        try:
+            return loader.next(self.note)
+        except DamagedShard as err:
+            raise UserError(err.problem, f"{err.fix}, {self._then()}; {SKIP_HINT}") from None
+
+    def _worker_died(self, err: RuntimeError) -> UserError:
+        """A loader worker killed by a signal (SIGBUS when a tar it had mapped was truncated
+        under it), said in one line; torch raises it wherever the main process then is."""
+        where = self.cfg.shards
+        return UserError(f"a data-loading worker died reading {where} ({str(err).splitlines()[0]}): a shard may have been truncated or removed while training read it",
+                         f"check the set with iosd-shards verify {where}, restore or regenerate the damaged shards, {self._then()}")
+
+    def _then(self) -> str:
+        """How to go on after a fault: from the last checkpoint once there is one."""
+        return "then rerun with --resume" if (self.run_dir / ckpt.CHECKPOINT_NAME).exists() else "then rerun the same command"
 
     def _catch_interrupt(self):
         """Single process: Ctrl-C finishes the step, saves a checkpoint and stops."""

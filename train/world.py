@@ -371,6 +371,15 @@ def train_denoiser(pipe, family, latents: torch.Tensor, scenes: Scenes, cfg: Wor
     return summary
 
 
+def name_summary(pipe, names: list[str]) -> dict:
+    """How far apart the trained text conditioning keeps the class names (train/name_geometry.py):
+    names on one axis cannot be told apart by the generator, nor by any head."""
+    from iosd.train.name_geometry import name_geometry
+
+    geometry = name_geometry(pipe, names)
+    return {k: geometry[k] for k in ("template", "variance_in_top_components", "closest_pairs", "pairs_above_0.9", "pairs")}
+
+
 def _commit() -> str | None:
     """HEAD's hash, with "+dirty" when the training code differs from it (the record must not
     claim a commit that did not produce the weights)."""
@@ -428,6 +437,8 @@ def train_world(cfg: WorldConfig, out: Path, work: Path, show: bool = True, log=
     log(f"vae: loss {vae_summary['final_loss']}, latent scaling factor {scale:.4f}")
     unet_summary = train_denoiser(pipe, family, latents, scenes, cfg, work, show)
     log(f"unet: loss {unet_summary['final_loss']}")
+    names = name_summary(pipe, world_classes([]))  # the excluded ones too: the blind world never learned them
+    log(f"class names: {names['variance_in_top_components'][0]:.1%} of their variance in one direction, closest {names['closest_pairs'][0]}")
     record = {
         "world": cfg.world,
         "family": family.name,
@@ -439,6 +450,7 @@ def train_world(cfg: WorldConfig, out: Path, work: Path, show: bool = True, log=
         "classes": world_classes(cfg.exclude),
         "vae": vae_summary,
         "unet": unet_summary,
+        "names": names,
         "vae_scaling_factor": scale,
         "torch": torch.__version__,
         "wall_seconds_this_run": round(time.perf_counter() - started, 1),
