@@ -20,7 +20,7 @@ from iosd.projection import (
     CovarianceFit,
     Projection,
     check_k,
-    load,
+    from_bytes,
     manifest_record,
     projected_layers,
 )
@@ -36,10 +36,6 @@ def check_projection_options(c: GenConfig) -> None:
         if c.calibration_samples is not None:
             raise UserError("--calibration-samples only applies to a projection", "add --project K, or drop --calibration-samples")
         return
-    from iosd.store import is_remote
-
-    if c.out is not None and is_remote(c.out):
-        raise UserError(f"--project with an object-store --out ({c.out}) is not supported yet", "write the set to a local directory and copy it up, or drop --project")
     if c.project < 1:
         raise UserError(f"--project {c.project} is not a positive number of channels", "pass e.g. --project 64, or leave it out to store every layer")
     if c.calibration_samples is None:
@@ -57,11 +53,12 @@ def stored_shapes(c: GenConfig, shapes: dict[str, list[int]]) -> dict[str, list[
     return {e["path"]: e["shape"] for e in projected_layers(c.project, raw)}
 
 
-def _previous(c: GenConfig) -> dict | None:
-    """The manifest already in --out (None when there is none or it is unreadable: the writer says why)."""
-    path = Path(c.out) / MANIFEST_NAME
+def _previous(gen: Generator) -> dict | None:
+    """The manifest already in --out, a directory or a URL (None when there is none or it is
+    unreadable: the writer says why)."""
     try:
-        return json.loads(path.read_text()) if path.is_file() else None
+        held = gen.writer.store.read_bytes(MANIFEST_NAME)
+        return json.loads(held) if held is not None else None
     except (OSError, ValueError):
         return None
 
@@ -69,7 +66,7 @@ def _previous(c: GenConfig) -> dict | None:
 def open_output(gen: Generator) -> None:
     """Rank 0: refuse another K on an existing set (one line, before any work), then let the
     writer make --out ours; remember the basis record of a set with the same identity."""
-    c, old = gen.cfg, _previous(gen.cfg)
+    c, old = gen.cfg, _previous(gen)
     gen.previous_projection = None
     if old is not None and not c.overwrite:
         had = (old.get("identity") or {}).get("project")
@@ -107,18 +104,19 @@ def _calibrate(gen: Generator) -> Projection:
     return fit.fit(c.project)
 
 
-def _sha(path: Path) -> str:
-    from iosd.manifest import sha256_file
-
-    return sha256_file(path)
-
-
-def _keep_first(projection: Projection, path: Path) -> Projection:
-    """Independent tasks each fit the basis; the first stored wins (a hard link fails where
-    the name exists) and every task uses that one, so no two shards of a set ever differ in it."""
+def _keep_first(gen: Generator, projection: Projection) -> bytes:
+    """Independent tasks: the first basis stored wins and every task uses that one, so no two
+    shards of a set ever differ in it. On disk a hard link fails where the name exists; an
+    object store has no such test, so there task 0 alone fits and stores it, and a task that
+    finds none yet stops in one line (start task 0 first; its basis is then reused)."""
     import os
     import secrets
 
+    store = gen.writer.store
+    if store.remote:
+        store.put_bytes(PROJECTION_NAME, projection.to_bytes())
+        return store.read_bytes(PROJECTION_NAME)
+    path = Path(store.root) / PROJECTION_NAME
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.{secrets.token_hex(4)}")
     projection.save(tmp)
     try:
@@ -127,45 +125,54 @@ def _keep_first(projection: Projection, path: Path) -> Projection:
         pass
     finally:
         tmp.unlink(missing_ok=True)
-    return load(path)
+    return path.read_bytes()
 
 
 def prepare_projection(gen: Generator) -> Projection | None:
     """Every rank's projection (None without --project). Rank 0 reuses the stored basis of a
     rerun (its sha256 as the manifest recorded it) or fits and writes a new one, then records
     it in the manifest; shards already written with a basis that is now missing or altered
-    are refused, never mixed with a new one."""
+    are refused, never mixed with a new one. --out may be a directory or a URL."""
+    import hashlib
+
     from iosd.pipeline.generate import _barrier, _on_rank0
 
     c = gen.cfg
     if c.project is None:
         return None
-    path = Path(c.out) / PROJECTION_NAME
+    store = gen.writer.store
+    where = store.shown(PROJECTION_NAME)
     box: list[Projection] = []
 
     def make() -> None:
         previous = getattr(gen, "previous_projection", None)
+        held = store.read_bytes(PROJECTION_NAME)
         projection = None
-        if previous is not None and path.is_file():
+        if previous is not None and held is not None:
             try:
-                projection = load(path, previous)
+                projection = from_bytes(held, where, previous)
             except UserError:
                 if gen.writer.done():
                     raise
-        elif gen.task.count > 1 and path.is_file():
-            projection = load(path)  # another task of this set stored it first
+                held = None
+        elif gen.task.count > 1 and held is not None:
+            projection = from_bytes(held, where)  # another task of this set stored it first
         elif gen.writer.done():
-            raise UserError(f"projection basis {path} is missing, but {c.out} holds shards stored with it", "restore it, or pass --overwrite to regenerate the set")
+            raise UserError(f"projection basis {where} is missing, but {c.out} holds shards stored with it", "restore it, or pass --overwrite to regenerate the set")
+        else:
+            held = None
         if projection is None:
+            if store.remote and gen.task.count > 1 and gen.task.index != 0:
+                raise UserError(f"the projection basis {where} is not there yet: in an object store, task 0 of the set fits and stores it",
+                                f"start task 0 first (--task 0/{gen.task.count}); once its basis is stored, rerun this task")
             projection = _calibrate(gen)
             if gen.task.count > 1:
-                projection = _keep_first(projection, path)
-            sha = projection.save(path) if gen.task.count == 1 else _sha(path)
-        else:
-            from iosd.manifest import sha256_file
-
-            sha = sha256_file(path)
-        gen.writer.header["features"]["projection"] = projection.record(sha, c.calibration_samples)
+                held = _keep_first(gen, projection)
+                projection = from_bytes(held, where)
+            else:
+                held = projection.to_bytes()
+                store.put_bytes(PROJECTION_NAME, held)
+        gen.writer.header["features"]["projection"] = projection.record(hashlib.sha256(held).hexdigest(), c.calibration_samples)
         gen.writer.write_manifest()
         box.append(projection)
 
@@ -173,7 +180,6 @@ def prepare_projection(gen: Generator) -> Projection | None:
     _barrier(gen.world)
     if box:
         return box[0]
-    manifest = json.loads((Path(c.out) / MANIFEST_NAME).read_text())
-    record = manifest_record(manifest)
+    record = manifest_record(json.loads(store.read_bytes(MANIFEST_NAME)))
     gen.writer.header["features"]["projection"] = record
-    return load(path, record)
+    return from_bytes(store.read_bytes(PROJECTION_NAME) or b"", where, record)

@@ -350,3 +350,33 @@ def test_shards_commands_on_an_unreachable_or_missing_set_are_one_line(s3_server
             result = _shards(command, url)
             assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, (command, result.output)
             assert said in result.output and url in result.output and "Traceback" not in result.output, (command, result.output)
+
+
+def test_projected_set_in_s3_stores_its_basis_trains_and_a_rerun_reuses_it(bucket, tmp_path):
+    url = f"s3://{bucket}/projected"
+    args = [*GEN, "--project", "8", "--calibration-samples", "4", "--out", url]
+    result = CliRunner().invoke(gen_main, args)
+    assert result.exit_code == 0, result.output
+    manifest = _check_set(bucket, "projected")
+    record = manifest["features"]["projection"]
+    basis = _fs().cat_file(f"{bucket}/projected/{record['file']}")
+    assert record["k"] == 8 and hashlib.sha256(basis).hexdigest() == record["sha256"]
+    again = CliRunner().invoke(gen_main, args)  # a rerun: the stored basis is reused, not refitted
+    assert again.exit_code == 0, again.output
+    assert _fs().cat_file(f"{bucket}/projected/{record['file']}") == basis
+    run = tmp_path / "run"
+    result = CliRunner().invoke(train_main, [url, *TRAIN, "--steps", "2", "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "checkpoint.json").read_text())["layout"]
+
+
+def test_projected_tasks_in_s3_wait_for_task_0s_basis(bucket):
+    url = f"s3://{bucket}/tasks"
+    args = [*GEN, "--project", "8", "--calibration-samples", "4", "--out", url]
+    early = CliRunner().invoke(gen_main, [*args, "--task", "1/2"])
+    assert early.exit_code == 2 and len(early.output.strip().splitlines()) == 1 and "start task 0 first (--task 0/2)" in early.output, early.output
+    for task in ("0/2", "1/2"):
+        result = CliRunner().invoke(gen_main, [*args, "--task", task])
+        assert result.exit_code == 0, result.output
+    manifest = _check_set(bucket, "tasks")
+    assert manifest["complete"] and manifest["features"]["projection"]["k"] == 8

@@ -247,3 +247,17 @@ def test_synth_as_two_tasks_writes_the_files_of_one_process(tmp_path, monkeypatc
     assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
     for path in files:
         assert (out / path).read_bytes() == (tmp_path / "one" / path).read_bytes(), path
+
+
+def test_projected_tasks_share_the_first_basis_stored_and_match_one_process(tmp_path):
+    """--project with tasks on disk: whichever task stores the basis first, every task uses it,
+    and the shards are those of one process (tests/test_object_store.py: the same in s3)."""
+    args = [*GEN, "--project", "8", "--calibration-samples", "4"]
+    one, split = tmp_path / "one", tmp_path / "split"
+    assert CliRunner().invoke(gen_main, [*args, "--out", str(one)]).exit_code == 0
+    for task in ("1/2", "0/2"):  # the second task first: any task may fit it
+        result = CliRunner().invoke(gen_main, [*args, "--out", str(split), "--task", task])
+        assert result.exit_code == 0, result.output
+    assert tars(split) == tars(one) and manifest(split)["complete"]
+    assert (split / "projection.safetensors").read_bytes() == (one / "projection.safetensors").read_bytes()
+    assert manifest(split)["features"]["projection"] == manifest(one)["features"]["projection"]
