@@ -67,6 +67,15 @@ class TeacherLabel:
     score: float
 
 
+def has_work(teacher, images: Sequence, classes: Sequence[Sequence[str]]) -> bool:
+    """Every teacher's ``label`` starts here: one class list per image, every class refused in one
+    line before any work if the teacher cannot label it; False when there are no images."""
+    if len(images) != len(classes):
+        raise ValueError(f"{len(images)} images but {len(classes)} class lists")
+    teacher.check_classes([n for names in classes for n in names])
+    return bool(len(images))
+
+
 # -- mmdet, configs ------------------------------------------------------------------------------
 def _require_mmdet() -> None:
     """mmdet needs mmcv built with its C++ ops; say how to get them instead of a traceback."""
@@ -369,10 +378,7 @@ class MaskRCNNTeacher:
 
     def label(self, images: Sequence[np.ndarray], classes: Sequence[Sequence[str]]) -> list[list[TeacherLabel]]:
         """Per image, per requested class: its mask by the ground-truth rule and the best score."""
-        if len(images) != len(classes):
-            raise ValueError(f"{len(images)} images but {len(classes)} class lists")
-        self.check_classes([n for names in classes for n in names])
-        if not len(images):
+        if not has_work(self, images, classes):
             return []
         from mmengine.dataset import pseudo_collate
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from iosd.choices import GT_RULES
 from iosd.errors import UserError
-from iosd.pipeline.teacher import TeacherLabel, class_mask
+from iosd.pipeline.teacher import TeacherLabel, class_mask, has_work
 
 __all__ = ["PromptedTeacher", "Query", "Teacher", "TeacherLabel", "images_tensor", "load_pretrained", "prepare_pixels"]
 
@@ -216,10 +216,7 @@ class PromptedTeacher:
     # -- labelling -----------------------------------------------------------------------
     def label(self, images: Sequence[np.ndarray], classes: Sequence[Sequence[str]]) -> list[list[TeacherLabel]]:
         """Per image, per requested class: its mask by the ground-truth rule and the best score."""
-        if len(images) != len(classes):
-            raise ValueError(f"{len(images)} images but {len(classes)} class lists")
-        self.check_classes([n for names in classes for n in names])
-        if not len(images):
+        if not has_work(self, images, classes):
             return []
         pixels = images_tensor(images, self.name)
         shape = (int(pixels.shape[-2]), int(pixels.shape[-1]))
