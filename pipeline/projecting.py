@@ -104,19 +104,13 @@ def _calibrate(gen: Generator) -> Projection:
     return fit.fit(c.project)
 
 
-def _keep_first(gen: Generator, projection: Projection) -> bytes:
-    """Independent tasks: the first basis stored wins and every task uses that one, so no two
-    shards of a set ever differ in it. On disk a hard link fails where the name exists; an
-    object store has no such test, so there task 0 alone fits and stores it, and a task that
-    finds none yet stops in one line (start task 0 first; its basis is then reused)."""
+def _keep_first(path: Path, projection: Projection) -> bytes:
+    """Independent tasks on disk: the first basis stored wins (a hard link fails where the name
+    exists) and every task uses that one, so no two shards of a set ever differ in it. (An
+    object store has no such test: there task 0 alone fits and stores it.)"""
     import os
     import secrets
 
-    store = gen.writer.store
-    if store.remote:
-        store.put_bytes(PROJECTION_NAME, projection.to_bytes())
-        return store.read_bytes(PROJECTION_NAME)
-    path = Path(store.root) / PROJECTION_NAME
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.{secrets.token_hex(4)}")
     projection.save(tmp)
     try:
@@ -166,10 +160,10 @@ def prepare_projection(gen: Generator) -> Projection | None:
                 raise UserError(f"the projection basis {where} is not there yet: in an object store, task 0 of the set fits and stores it",
                                 f"start task 0 first (--task 0/{gen.task.count}); once its basis is stored, rerun this task")
             projection = _calibrate(gen)
-            if gen.task.count > 1:
-                held = _keep_first(gen, projection)
+            if gen.task.count > 1 and not store.remote:
+                held = _keep_first(Path(store.root) / PROJECTION_NAME, projection)
                 projection = from_bytes(held, where)
-            else:
+            else:  # one task, or task 0 of a set in an object store
                 held = projection.to_bytes()
                 store.put_bytes(PROJECTION_NAME, held)
         gen.writer.header["features"]["projection"] = projection.record(hashlib.sha256(held).hexdigest(), c.calibration_samples)
