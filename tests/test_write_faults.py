@@ -213,28 +213,21 @@ def test_eval_to_an_unwritable_report_or_test_shards_dir(tiny, tmp_path, monkeyp
     assert leftovers(tmp_path) == []
 
 
-def test_predict_to_an_unwritable_out(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("command, args, product", [
+    ("predict", ["a photograph of a star", "--classes", "star"], "prediction.json"),
+    ("synth", ["--classes", "star", "--images-per-class", "1", "--batch", "1", "--quiet"], "synth.json"),
+])
+def test_predict_and_synth_to_an_unwritable_out(tiny, tmp_path, monkeypatch, command, args, product):
+    main = {"predict": predict_main, "synth": synth_main}[command]
     out = unwritable_dir(tmp_path)
-    args = ["--checkpoint", str(tiny), "a photograph of a star", "--classes", "star", "--out", str(out)]
+    args = ["--checkpoint", str(tiny), *args, "--out", str(out)]
     with not_writable(monkeypatch, out):
-        result = CliRunner().invoke(predict_main, args)
+        result = CliRunner().invoke(main, args)
     one_line(result, str(out), "writable")
     assert list(out.iterdir()) == []
-    again = CliRunner().invoke(predict_main, args)
+    again = CliRunner().invoke(main, args)
     assert again.exit_code == 0, again.output
-    assert (out / "prediction.json").is_file() and leftovers(out) == []
-
-
-def test_synth_to_an_unwritable_out(tiny, tmp_path, monkeypatch):
-    out = unwritable_dir(tmp_path)
-    args = ["--checkpoint", str(tiny), "--classes", "star", "--images-per-class", "1", "--batch", "1", "--out", str(out), "--quiet"]
-    with not_writable(monkeypatch, out):
-        result = CliRunner().invoke(synth_main, args)
-    one_line(result, str(out), "writable")
-    assert list(out.iterdir()) == []
-    again = CliRunner().invoke(synth_main, args)
-    assert again.exit_code == 0, again.output
-    assert (out / "synth.json").is_file() and leftovers(out) == []
+    assert (out / product).is_file() and leftovers(out) == []
 
 
 def test_shards_show_and_merge_into_an_unwritable_dir(tiny, tmp_path, monkeypatch):
