@@ -247,20 +247,16 @@ class Trainer:
         self.start_over = True
 
     def _check_writable(self) -> None:
-        """Create --out and prove it takes a file (a zero-byte probe, written and removed): an
-        unwritable run directory (permissions, a read-only mount) stops here in one line, not
-        at the first log line or checkpoint after minutes of training."""
-        d = self.run_dir
-        probe = d / f".write-test-{os.getpid()}.tmp"
+        """Create --out and prove it takes a file (the writer's probe, iosd.store): an unwritable
+        run directory (permissions, a read-only mount) stops here in one line, not at the first
+        log line or checkpoint after minutes of training."""
+        from iosd.store import LocalStore
+
         try:
-            d.mkdir(parents=True, exist_ok=True)
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as err:
-            with contextlib.suppress(OSError):
-                probe.unlink()
+            LocalStore(self.run_dir).make("")
+        except UserError as err:
             fix = "make it writable, then rerun with --resume" if self.cfg.resume else "make it writable or pass another --out, then rerun"
-            raise UserError(f"cannot write to --out {d} ({err.strerror})", fix) from None
+            raise UserError(err.problem, fix) from None
 
     def _clear_run_dir(self) -> None:
         for path in self.run_dir.iterdir():  # only run files and temp leftovers (checked above)
