@@ -50,9 +50,9 @@ def world_dir(name: str) -> Path:
     return WORLDS_DIR / name
 
 
-def directory_digests(root: Path) -> dict[str, str]:
+def directory_digests(root: Path, record: str = PROVENANCE) -> dict[str, str]:
     """sha256 of every file under ``root`` (relative POSIX paths), the provenance record aside."""
-    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != PROVENANCE}
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != record}
 
 
 def verify_world(name: str, root: Path | None = None) -> dict:

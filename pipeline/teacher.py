@@ -32,6 +32,10 @@ from iosd.choices import GT_RULES
 from iosd.classes import canonical
 from iosd.errors import UserError
 from iosd.manifest import sha256_file
+from iosd.world_teachers import CONFIG_FILE as TRAINED_CONFIG
+from iosd.world_teachers import TEACHERS as TRAINED_TEACHERS
+from iosd.world_teachers import WEIGHTS_FILE as TRAINED_WEIGHTS
+from iosd.world_teachers import trained_teacher_root, verify_teacher
 
 # Swin-S Mask R-CNN, 3x multi-scale COCO schedule (box AP 48.2, mask AP 43.2): the strongest
 # plain Mask R-CNN in mmdet's zoo. Its weights URL is read from swin/metafile.yml at run time.
@@ -39,7 +43,7 @@ DEFAULT_CONFIG = "mask-rcnn_swin-s-p4-w7_fpn_amp-ms-crop-3x_coco"
 TINY_CONFIG = "mask-rcnn_r50_fpn_1x_coco"
 TINY_SEED = 0
 MMCV_FIX = "run `make mmcv` or scripts/install-mmcv.sh"
-CONFIG_FIX = f"pass an mmdet model-zoo config name such as {DEFAULT_CONFIG}, or a path to a .py config"
+CONFIG_FIX = f"pass an mmdet model-zoo config name such as {DEFAULT_CONFIG}, a trained teacher ({', '.join(TRAINED_TEACHERS)}), or a path to a .py config"
 UNKNOWN_CLASS_FIX = "use classes the detector knows (COCO names), pass --teacher-config/--teacher-checkpoint for a detector that has them, or --teacher sam3 (any class name)"
 
 # Globals old checkpoints pickle in their metadata that only rebuild data (numpy scalars,
@@ -114,6 +118,10 @@ def _configs_root() -> Path:
 
 def resolve_config(config: str) -> Path:
     """A path to a .py config, or a model-zoo name found offline in mmdet's packaged configs."""
+    trained = trained_teacher_root(config)
+    if trained is not None:  # a teacher trained by scripts/train-teacher.py: every file checked first
+        verify_teacher(trained, config if config in TRAINED_TEACHERS else None)
+        return trained / TRAINED_CONFIG
     path = Path(config).expanduser()
     if path.is_file():
         return path
@@ -374,7 +382,10 @@ class MaskRCNNTeacher:
         """Refuse, before any work, class names no detector label matches."""
         unknown = [n for n in dict.fromkeys(names) if not self.labels_for(n)]
         if unknown:
-            raise UserError(f"the teacher cannot label {', '.join(map(repr, unknown))}: its detector has no such label, even through synonyms", UNKNOWN_CLASS_FIX)
+            fix = UNKNOWN_CLASS_FIX
+            if self.info.get("label_names") == "checkpoint":  # not COCO's: say which it has
+                fix = f"this detector labels only {', '.join(self.names)}; {fix.replace('(COCO names)', '')}".replace("  ", " ")
+            raise UserError(f"the teacher cannot label {', '.join(map(repr, unknown))}: its detector has no such label, even through synonyms", fix)
 
     def label(self, images: Sequence[np.ndarray], classes: Sequence[Sequence[str]]) -> list[list[TeacherLabel]]:
         """Per image, per requested class: its mask by the ground-truth rule and the best score."""
@@ -429,6 +440,8 @@ def _pick_checkpoint(config: str | None, checkpoint: str | None, tiny: bool, pat
     """The named checkpoint, else the model zoo's for the config; none for the tiny teacher."""
     if checkpoint or tiny:
         return checkpoint
+    if path.name == TRAINED_CONFIG and trained_teacher_root(path) is not None:
+        return str(path.parent / TRAINED_WEIGHTS)  # a trained teacher's own weights, verified with it
     url = zoo_weights(path)
     if url is None:
         raise UserError(f"teacher config {config!r} has no model-zoo checkpoint", "pass --teacher-checkpoint PATH or URL")

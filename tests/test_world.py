@@ -251,3 +251,29 @@ def test_scene_masks_are_the_named_objects_at_latent_size():
         assert len(masks) in (1, 2) and masks.shape[1:] == (16, 16)
         assert (not caption and not names) or (len(names) == len(masks) and all(n in caption for n in names))
         assert all(0 < m.astype(float).sum() for m in masks)  # every object is visible somewhere
+
+
+def test_clip_text_mode_pretrains_the_encoders_then_keeps_them_frozen(tmp_path):
+    """--text clip: the encoders change in the contrastive stage (NegCLIP's swapped names among
+    the negatives) and not at all while the UNet learns; the record says so."""
+    import torch
+    from safetensors.torch import load_file
+
+    from iosd.train.contrastive import swapped_caption
+    from iosd.train.world import WorldConfig, base_pipeline, train_world
+
+    rng = np.random.default_rng(0)
+    assert swapped_caption(rng, "a photograph of a red star", ["star"], ["star", "heart"]) == "a photograph of a red heart"
+    out, work = tmp_path / "world-sdxl", tmp_path / "work"
+    record = train_world(WorldConfig(**MICRO, text="clip", text_steps=3, text_batch=6), out, work, show=False, log=lambda m: None)
+    assert record["config"]["text"] == "clip" and record["text"]["steps"] == 3 and record["text"]["final_loss"] > 0
+    initial = base_pipeline("sdxl", 0).text_encoder.state_dict()
+    after_text = {k.removeprefix("text_encoder."): v for k, v in load_file(work / "text" / "model.safetensors").items() if k.startswith("text_encoder.")}
+    shipped = load_file(out / "text_encoder" / "model.safetensors")
+    def norm(weights: dict) -> torch.Tensor:  # the final layer norm, whatever prefix the file gives it
+        return next(v for k, v in weights.items() if k.endswith("final_layer_norm.weight"))
+
+    assert not torch.equal(norm(after_text), norm(initial))  # learned in the contrastive stage
+    assert torch.equal(norm(shipped), norm(after_text).half())  # untouched by the denoiser stage
+    with pytest.raises(UserError, match="--text"):
+        WorldConfig(text="both")

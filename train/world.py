@@ -51,6 +51,7 @@ LATENT_DOWN = 4  # the world VAE's pixels per latent cell
 VAE_CROP = 32  # the VAE trains on crops: convolutional, it learns the same code at a quarter of the cost
 WORLD_VAE = {"block_out_channels": [16, 32, 64], "norm_num_groups": 8}
 EMA_DECAY = 0.999
+TEXT_MODES = ("clip", "joint")
 
 
 @dataclass
@@ -69,6 +70,14 @@ class WorldConfig:
     exclude: list[str] = field(default_factory=list)  # classes never drawn nor named (the blind control)
     save_every: int = 250
     grounding: float = 0.1  # weight of the token grounding loss (train/grounding.py); 0: captions alone
+    text: str = "joint"  # "joint": encoders trained with the UNet (world v1); "clip": pretrained contrastively, then frozen (as SD's)
+    text_steps: int = 1500
+    text_batch: int = 128
+    text_lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.text not in TEXT_MODES:
+            raise UserError(f"unknown --text {self.text!r}", f"use one of {', '.join(TEXT_MODES)}")
 
     @property
     def family(self) -> str:
@@ -301,12 +310,47 @@ def conditioning(pipe, family, captions: list[str]) -> dict:
     return cond
 
 
-def denoiser(pipe, family) -> torch.nn.ModuleDict:
-    """What learns in the last stage: the UNet and the text encoders together. Measured: with
-    the encoders frozen (random), the UNet ignored the caption after 2000 steps (noise
-    prediction with the right class names, wrong ones or none differed by 0.01%); trained
-    with it, the class names start to matter within 1000 steps."""
-    modules = {"unet": pipe.unet, **{attr: getattr(pipe, attr) for _, attr in family.encoders}}
+def train_text(pipe, family, scenes: Scenes, cfg: WorldConfig, work: Path, show: bool) -> dict:
+    """CLIP's contrastive loss between the family's text encoders and a small image tower
+    (train/contrastive.py) on the captioned scenes; the tower is thrown away after."""
+    from iosd.train import contrastive
+
+    encoders = family.text_encoders(pipe)
+    torch.manual_seed(cfg.seed + 12)
+    tower = contrastive.ImageTower([contrastive.text_width(e) for _, e in encoders])
+    model = torch.nn.ModuleDict({"tower": tower, **{attr: getattr(pipe, attr) for _, attr in family.encoders}}).train().requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.text_lr, weight_decay=0.1)
+    captioned = np.flatnonzero([bool(c) for c in scenes.captions])
+    classes = world_classes(cfg.exclude)
+
+    def step_fn(step: int) -> float:
+        rng = np.random.default_rng([cfg.seed, 4, step])
+        index = rng.choice(captioned, size=min(cfg.text_batch, len(captioned)), replace=False)
+        images = tower(_to_unit(scenes.images[index]))
+        captions = [scenes.captions[i] for i in index]
+        hard = [contrastive.swapped_caption(rng, scenes.captions[i], scenes.names[i], classes) for i in index]
+        loss = sum(contrastive.clip_loss(image, contrastive.pooled_text(tok, enc, captions), tower.logit_scale[k], contrastive.pooled_text(tok, enc, hard))
+                   for k, (image, (tok, enc)) in enumerate(zip(images, encoders, strict=True))) / len(encoders)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return float(loss.detach())
+
+    summary = run_loop("text", cfg.text_steps, Checkpointed(work, "text", {"model": model}, opt), step_fn, cfg, show, cfg.text_lr)
+    model.eval().requires_grad_(False)
+    return summary
+
+
+def denoiser(pipe, family, text: str) -> torch.nn.ModuleDict:
+    """What learns in the last stage: the UNet, and with ``text="joint"`` the text encoders
+    too (world v1). Measured: with the encoders frozen *at random*, the UNet ignored the
+    caption after 2000 steps (noise prediction with the right class names, wrong ones or none
+    differed by 0.01%); trained with it, the names matter within 1000 steps but collapse onto
+    one axis; pretrained contrastively ("clip") and frozen, as SD's are, they stay apart."""
+    modules = {"unet": pipe.unet}
+    if text == "joint":
+        modules |= {attr: getattr(pipe, attr) for _, attr in family.encoders}
     return torch.nn.ModuleDict(modules)
 
 
@@ -324,7 +368,8 @@ def train_denoiser(pipe, family, latents: torch.Tensor, scenes: Scenes, cfg: Wor
     from iosd.train import grounding
 
     captions = scenes.captions
-    model = denoiser(pipe, family).train().requires_grad_(True)
+    model = denoiser(pipe, family, cfg.text).train().requires_grad_(True)
+    frozen_text = torch.no_grad() if cfg.text == "clip" else contextlib.nullcontext()
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
     alphas = pipe.scheduler.alphas_cumprod.float()
@@ -344,7 +389,9 @@ def train_denoiser(pipe, family, latents: torch.Tensor, scenes: Scenes, cfg: Wor
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         if store is not None:
             store.clear()
-        pred = pipe.unet(noisy, t, **conditioning(pipe, family, [captions[i] for i in index])).sample
+        with frozen_text:
+            cond = conditioning(pipe, family, [captions[i] for i in index])
+        pred = pipe.unet(noisy, t, **cond).sample
         loss = (weight[t] * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
         if store is not None:
             grounded = grounding.token_loss(store, [spans[i] for i in index], [torch.from_numpy(scenes.masks[i]).float() for i in index])
@@ -435,6 +482,11 @@ def train_world(cfg: WorldConfig, out: Path, work: Path, show: bool = True, log=
     pipe.vae.register_to_config(scaling_factor=scale)
     latents = latents * scale
     log(f"vae: loss {vae_summary['final_loss']}, latent scaling factor {scale:.4f}")
+    text_summary = None
+    if cfg.text == "clip":
+        text_summary = train_text(pipe, family, scenes, cfg, work, show)
+        geometry = name_summary(pipe, world_classes([]))
+        log(f"text: loss {text_summary['final_loss']}, class names {geometry['variance_in_top_components'][0]:.1%} of their variance in one direction")
     unet_summary = train_denoiser(pipe, family, latents, scenes, cfg, work, show)
     log(f"unet: loss {unet_summary['final_loss']}")
     names = name_summary(pipe, world_classes([]))  # the excluded ones too: the blind world never learned them
@@ -449,6 +501,7 @@ def train_world(cfg: WorldConfig, out: Path, work: Path, show: bool = True, log=
         "palette": "random",
         "classes": world_classes(cfg.exclude),
         "vae": vae_summary,
+        "text": text_summary,
         "unet": unet_summary,
         "names": names,
         "vae_scaling_factor": scale,

@@ -2,7 +2,8 @@
 
 Every teacher takes images and, per image, class names, and returns per class one mask (by the
 recipe's --gt rule) and a score (``TeacherLabel``); the generate stage's filter does the rest.
-``mmdet`` is the papers' Mask R-CNN (COCO labels only, needs mmcv); the others are prompted with
+``mmdet`` is the papers' Mask R-CNN (COCO labels, or the shapes world's for the trained CPU-world
+teacher ``--teacher-config world-maskrcnn``; needs mmcv); the others are prompted with
 the class names themselves, so any vocabulary works, and need only transformers. Model ids,
 revisions and threshold defaults with their sources live in ``iosd/data/teachers.json``.
 """

@@ -1,7 +1,9 @@
 """The papers' teacher behind the seam: MMDetection's Mask R-CNN (pipeline/teacher.py).
 
-Its labels are COCO's (through the VOC synonym map), so it refuses other class names; it needs
-mmcv with ops (scripts/install-mmcv.sh). Built exactly as before the seam, so its shards are
+Its labels are COCO's (through the VOC synonym map), or those its checkpoint names (the trained
+CPU-world teacher, ``--teacher-config world-maskrcnn``: the shapes world's classes, files checked
+against their sha256 first, iosd/world_teachers.py); it refuses other class names and needs mmcv
+with ops (scripts/install-mmcv.sh). Built exactly as before the seam, so its shards are
 byte-identical.
 """
 

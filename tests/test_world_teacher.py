@@ -1,0 +1,159 @@
+"""The CPU world's trained Mask R-CNN teacher (train/world_teacher.py): deterministic and
+resumable training, the shipped directory loaded through the teacher seam with the world's
+class names, sha256-checked files, and COCOeval mask AP on held-out exact-mask scenes.
+
+Runs are a few steps of a narrowed model: enough to exercise every path, not to learn."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from iosd.errors import UserError
+
+pytestmark = [pytest.mark.teacher, pytest.mark.slow]
+pytest.importorskip("mmdet")
+
+STEPS = 4
+
+
+def _cfg(**overrides):
+    from iosd.train.world_teacher import TeacherConfig
+
+    return TeacherConfig(**{"seed": 3, "steps": STEPS, "batch_size": 2, "warmup": 2, "save_every": 2, "width": 8, "fpn": 32, "fc": 64, **overrides})
+
+
+def _train(root, name: str, **kwargs) -> dict:
+    from iosd.train.world_teacher import train_teacher
+
+    return train_teacher(_cfg(), root / name, root / f"work-{name}", show=False, log=lambda m: None, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """An uninterrupted run: the reference the other runs must match, and the shipped directory."""
+    root = tmp_path_factory.mktemp("teacher")
+    record = _train(root, "straight")
+    return root, record
+
+
+def test_same_seed_same_weights(trained):
+    root, record = trained
+    again = _train(root, "again")
+    assert again["sha256"]["weights.pth"] == record["sha256"]["weights.pth"]
+    assert again["training"]["final_loss"] == record["training"]["final_loss"]
+    assert set(record["sha256"]) == {"config.py", "weights.pth"}
+    assert record["bytes"] < 5_000_000
+
+
+def test_killed_and_resumed_equals_uninterrupted(trained):
+    root, record = trained
+    stopped = _train(root, "resumed", stop_after=STEPS // 2)
+    assert stopped == {"steps": STEPS // 2, "stopped": True}
+    assert not (root / "resumed").exists()  # nothing ships until the run is whole
+    state = json.loads((root / "work-resumed" / "teacher" / "state.json").read_text())
+    assert state["step"] == STEPS // 2
+    resumed = _train(root, "resumed")
+    assert resumed["sha256"]["weights.pth"] == record["sha256"]["weights.pth"]
+
+
+def test_other_settings_in_the_same_work_dir_are_refused(trained):
+    from iosd.train.world_teacher import train_teacher
+
+    root, _ = trained
+    with pytest.raises(UserError, match="other settings"):
+        train_teacher(_cfg(lr=5e-4), root / "x", root / "work-straight", show=False, log=lambda m: None)
+
+
+def _scene(names):
+    from iosd.pipeline.shapes import render_scene
+    from iosd.worlds import WORLD_SIDE
+
+    return render_scene(names, np.random.default_rng(7), WORLD_SIDE, [0.1, 0.6][: len(names)])
+
+
+def test_loads_through_the_seam_with_shape_names(trained):
+    from iosd.pipeline.teachers import TeacherOptions, build_teacher
+    from iosd.train.world_teacher import teacher_classes
+
+    root, _ = trained
+    teacher = build_teacher(TeacherOptions(name="mmdet", config=str(root / "straight" / "config.py"), score_thr=0.0))
+    assert teacher.names == teacher_classes()
+    assert teacher.describe()["label_names"] == "checkpoint" and teacher.describe()["missing_keys"] == 0
+    image, _ = _scene(["disc", "star"])
+    labels = teacher.label([image], [["disc", "star"]])
+    assert len(labels) == 1 and len(labels[0]) == 2
+    assert all(lab.mask.shape == image.shape[:2] and lab.mask.dtype == bool for lab in labels[0])
+    with pytest.raises(UserError, match="'person'") as err:
+        teacher.check_classes(["disc", "person"])
+    assert "disc" in err.value.fix and "\n" not in err.value.line()
+
+
+def test_named_form_finds_the_shipped_directory(trained, monkeypatch):
+    import iosd.world_teachers as wt
+    from iosd.pipeline.teacher import build_teacher, resolve_config
+
+    root, _ = trained
+    shipped = root / "shipped"
+    shutil.copytree(root / "straight", shipped / "world-maskrcnn")
+    monkeypatch.setattr(wt, "TEACHERS_DIR", shipped)
+    assert resolve_config("world-maskrcnn") == shipped / "world-maskrcnn" / "config.py"
+    teacher = build_teacher("world-maskrcnn")
+    assert teacher.info["checkpoint"] == str(shipped / "world-maskrcnn" / "weights.pth")
+
+
+@pytest.mark.parametrize("damage", ["altered", "missing", "extra"])
+def test_damaged_directory_is_one_line(trained, tmp_path, damage):
+    from iosd.pipeline.teacher import build_teacher
+
+    root, _ = trained
+    out = tmp_path / "t"
+    shutil.copytree(root / "straight", out)
+    if damage == "altered":
+        with open(out / "weights.pth", "ab") as f:
+            f.write(b"\0")
+    elif damage == "missing":
+        (out / "weights.pth").unlink()
+    else:
+        (out / "notes.txt").write_text("x")
+    with pytest.raises(UserError) as err:
+        build_teacher(str(out / "config.py"))
+    line = err.value.line()
+    assert "\n" not in line and "scripts/train-teacher.py" in line
+    assert ("notes.txt" if damage == "extra" else "weights.pth") in line
+
+
+def test_coco_eval_of_exact_masks_is_perfect():
+    from iosd.evaluate.teacher_ap import coco_mask_ap
+    from iosd.train.world_teacher import held_out_scenes, teacher_classes
+
+    names = teacher_classes()
+    scenes = held_out_scenes(1, 6, names)
+    perfect = [{"masks": m, "labels": np.array([names.index(n) for n in ns]), "scores": np.ones(len(ns))} for _, m, ns in scenes]
+    result = coco_mask_ap(scenes, perfect, names)
+    assert result["AP"] == pytest.approx(1.0) and result["AP50"] == pytest.approx(1.0)
+    wrong = [{**p, "labels": (p["labels"] + 1) % len(names)} for p in perfect]
+    assert coco_mask_ap(scenes, wrong, names)["AP"] == pytest.approx(0.0)
+
+
+def test_held_out_scenes_are_not_training_scenes():
+    from iosd.train.world_teacher import held_out_scenes, teacher_classes, training_batch
+
+    names = teacher_classes()
+    held = held_out_scenes(0, 2, names)
+    batch = training_batch(_cfg(seed=0), names, 0)
+    assert held[0][0].shape == (64, 64, 3) and batch["inputs"][0].shape == (3, 128, 128)
+    assert held_out_scenes(0, 2, names)[1][0].tobytes() == held[1][0].tobytes()
+
+
+def test_coco_eval_runs_on_the_output(trained):
+    from iosd.evaluate.teacher_ap import evaluate_teacher
+    from iosd.pipeline.teacher import build_teacher
+
+    root, _ = trained
+    result = evaluate_teacher(build_teacher(str(root / "straight" / "config.py")), seed=1, count=4)
+    assert {"AP", "AP50", "AP75", "per_class_AP"} <= set(result) and result["scenes"] == 4
+    assert 0.0 <= result["AP"] <= 1.0
