@@ -89,6 +89,19 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     write_text_atomic(path, json_text(obj))
 
 
+def replace_directory(built: Path, out: Path) -> None:
+    """Put the directory ``built`` (complete, under a temp name beside ``out``) in ``out``'s
+    place: the old one is moved aside first, so a crash leaves one whole version, never a mix."""
+    import shutil
+
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(built, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()

@@ -12,13 +12,11 @@ their names, where they live and how they are verified; it never imports torch o
 
 from __future__ import annotations
 
-import json
 import os
 from importlib import resources
 from pathlib import Path
 
-from iosd.errors import UserError
-from iosd.worlds import directory_digests
+from iosd.worlds import verify_directory
 
 RECORD = "teacher.json"  # in each teacher directory; not itself hashed
 CONFIG_FILE = "config.py"
@@ -55,21 +53,4 @@ def verify_teacher(root: Path, name: str | None = None) -> dict:
     command."""
     name = name or root.name
     fix = f"rebuild it with `{rebuild_command(name)}`, or restore the shipped files with git"
-    record_path = root / RECORD
-    try:
-        record = json.loads(record_path.read_text())
-        expected = dict(record["sha256"])
-    except FileNotFoundError:
-        raise UserError(f"the trained teacher {name!r} is missing ({record_path} not found)", fix) from None
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UserError(f"{record_path} is not a teacher provenance record ({err})", fix) from None
-    actual = directory_digests(root, record=RECORD)
-    for rel, digest in expected.items():
-        if rel not in actual:
-            raise UserError(f"{root / rel} of the trained teacher {name!r} is missing", fix)
-        if actual[rel] != digest:
-            raise UserError(f"{root / rel} of the trained teacher {name!r} does not match its sha256 in {RECORD}", fix)
-    extra = sorted(set(actual) - set(expected))
-    if extra:
-        raise UserError(f"{root / extra[0]} is not part of the trained teacher {name!r}", fix)
-    return record
+    return verify_directory(root, RECORD, f"the trained teacher {name!r}", fix)

@@ -55,27 +55,32 @@ def directory_digests(root: Path, record: str = PROVENANCE) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != record}
 
 
-def verify_world(name: str, root: Path | None = None) -> dict:
-    """The provenance record of world ``name`` after checking every file's sha256 against it;
-    a missing, extra or altered file is a one-line error naming it and the rebuild command."""
-    root = root or world_dir(name)
-    fix = f"rebuild it with `{rebuild_command(name)}`, or restore the shipped files with git"
-    record_path = root / PROVENANCE
+def verify_directory(root: Path, record_file: str, what: str, fix: str) -> dict:
+    """The provenance record ``record_file`` in ``root`` after checking every file's sha256
+    against it; a missing, extra or altered file is a one-line error naming it and ``fix``.
+    ``what`` names the directory in those lines ("the trained world 'world-sdxl'")."""
+    record_path = root / record_file
     try:
         record = json.loads(record_path.read_text())
         expected = dict(record["sha256"])
     except FileNotFoundError:
-        raise UserError(f"the trained world {name!r} is missing ({record_path} not found)", fix) from None
+        raise UserError(f"{what} is missing ({record_path} not found)", fix) from None
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UserError(f"{record_path} is not a world provenance record ({err})", fix) from None
-    actual = directory_digests(root)
+        raise UserError(f"{record_path} is not a provenance record ({err})", fix) from None
+    actual = directory_digests(root, record=record_file)
     for rel, digest in expected.items():
         if rel not in actual:
-            raise UserError(f"{root / rel} of the trained world {name!r} is missing", fix)
+            raise UserError(f"{root / rel} of {what} is missing", fix)
         if actual[rel] != digest:
-            raise UserError(f"{root / rel} of the trained world {name!r} does not match its sha256 in {PROVENANCE}", fix)
+            raise UserError(f"{root / rel} of {what} does not match its sha256 in {record_file}", fix)
     extra = sorted(set(actual) - set(expected))
     if extra:
-        raise UserError(f"{root / extra[0]} is not part of the trained world {name!r}", fix)
+        raise UserError(f"{root / extra[0]} is not part of {what}", fix)
     return record
+
+
+def verify_world(name: str, root: Path | None = None) -> dict:
+    """The provenance record of world ``name`` after checking every file's sha256 against it."""
+    fix = f"rebuild it with `{rebuild_command(name)}`, or restore the shipped files with git"
+    return verify_directory(root or world_dir(name), PROVENANCE, f"the trained world {name!r}", fix)
 

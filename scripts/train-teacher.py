@@ -29,7 +29,7 @@ from iosd.world_teachers import CONFIG_FILE, RECORD, TEACHERS, rebuild_command, 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--name", type=click.Choice(list(TEACHERS)), default=TEACHERS[0])
 @click.option("--seed", type=int, default=0)
-@click.option("--steps", type=int, default=4000)
+@click.option("--steps", type=int, default=2000)
 @click.option("--batch-size", type=int, default=8)
 @click.option("--lr", type=float, default=1e-3)
 @click.option("--side", type=int, default=128, help="px the world's 64 px scenes are upscaled to (train and test)")

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from iosd.classes import load_split
 from iosd.errors import UserError
-from iosd.manifest import share_like_output, write_bytes_atomic
+from iosd.manifest import replace_directory, share_like_output, write_bytes_atomic
 from iosd.pipeline.models import quiet_libraries
 from iosd.recipes import get_recipe, recipe_names
 from iosd.worlds import PROVENANCE, WORLD_SIDE, WORLDS, directory_digests, random_colours
@@ -452,12 +452,7 @@ def save_world(pipe, out: Path, record: dict) -> dict:
             share_like_output(path)  # safetensors writes 0o600
     record = {**record, "sha256": directory_digests(tmp)}
     (tmp / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_directory(tmp, out)
     return record
 
 

@@ -17,7 +17,6 @@ anchors and RoI sizes fit objects of 30-100 px, not the world's 15-50.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -28,7 +27,7 @@ import torch
 
 from iosd.classes import load_split
 from iosd.errors import UserError
-from iosd.manifest import share_like_output, write_bytes_atomic
+from iosd.manifest import replace_directory, share_like_output, write_bytes_atomic
 from iosd.world_teachers import CONFIG_FILE, RECORD, WEIGHTS_FILE
 from iosd.worlds import WORLD_SIDE, directory_digests, random_colours
 
@@ -42,7 +41,7 @@ class TeacherConfig:
     ``warmup``, ``save_every`` and ``batch_size`` are what train/world.py's ``run_loop`` reads."""
 
     seed: int = 0
-    steps: int = 4000
+    steps: int = 2000
     batch_size: int = 8
     lr: float = 1e-3
     warmup: int = 100
@@ -263,12 +262,7 @@ def save_teacher(model: torch.nn.Module, config, out: Path, record: dict) -> dic
         share_like_output(path)
     record = {**record, "sha256": directory_digests(tmp, record=RECORD), "bytes": sum(p.stat().st_size for p in tmp.iterdir())}
     write_bytes_atomic(tmp / RECORD, (json.dumps(record, indent=2) + "\n").encode())
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_directory(tmp, out)
     return record
 
 
@@ -278,6 +272,7 @@ def train_teacher(cfg: TeacherConfig, out: Path, work: Path, show: bool = True, 
     import resource
 
     from iosd.pipeline.teacher import _require_mmdet
+    from iosd.train.world import _commit
 
     _require_mmdet()
     started = time.perf_counter()
@@ -296,6 +291,7 @@ def train_teacher(cfg: TeacherConfig, out: Path, work: Path, show: bool = True, 
         return summary
     record = {
         "script": "scripts/train-teacher.py",
+        "commit": _commit(),
         "base_config": BASE_CONFIG,
         "config": asdict(cfg),
         "classes": classes,
