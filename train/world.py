@@ -429,11 +429,12 @@ def name_summary(pipe, names: list[str]) -> dict:
 
 def _commit() -> str | None:
     """HEAD's hash, with "+dirty" when the training code differs from it (the record must not
-    claim a commit that did not produce the weights)."""
+    claim a commit that did not produce the weights). The shipped weights (iosd/data) are its
+    output, not its code."""
     here = Path(__file__).parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=here, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "train", "iosd", "pipeline", "scripts"], capture_output=True, text=True, cwd=here.parent, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "train", "iosd", "pipeline", "scripts", ":(exclude)iosd/data"], capture_output=True, text=True, cwd=here.parent, timeout=10).stdout.strip()
     except OSError:
         return None
     return (head + ("+dirty" if dirty else "")) or None
