@@ -39,19 +39,13 @@ def predict_instances(teacher, images: Sequence[np.ndarray], batch: int = 16) ->
     return out
 
 
-def _rle(mask: np.ndarray) -> dict:
-    from pycocotools import mask as mask_util
-
-    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
-
-
 def coco_mask_ap(scenes: Sequence[tuple[np.ndarray, np.ndarray, list[str]]], predictions: Sequence[dict], names: Sequence[str]) -> dict:
     """COCOeval (segm) of ``predictions`` (label indices into ``names``) against the scenes'
     exact masks: AP, AP50, AP75 and per-class AP (None for a class with no ground truth)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
+
+    from iosd.pipeline.export import rle_of, rle_stats
 
     if len(scenes) != len(predictions) or not scenes:
         raise UserError(f"{len(scenes)} scenes but {len(predictions)} predictions", "score at least one scene, one prediction list per scene")
@@ -60,12 +54,11 @@ def coco_mask_ap(scenes: Sequence[tuple[np.ndarray, np.ndarray, list[str]]], pre
         h, w = image.shape[:2]
         images.append({"id": i, "height": h, "width": w})
         for mask, name in zip(masks, scene_names, strict=True):
-            rle = _rle(mask)
-            rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-            box = [float(cols[0]), float(rows[0]), float(cols[-1] - cols[0] + 1), float(rows[-1] - rows[0] + 1)]
-            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": list(names).index(name) + 1, "segmentation": rle, "area": float(mask.sum()), "bbox": box, "iscrowd": 0})
+            rle = rle_of(mask)
+            area, box = rle_stats(rle)
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": list(names).index(name) + 1, "segmentation": rle, "area": area, "bbox": box, "iscrowd": 0})
         for mask, label, score in zip(pred["masks"], pred["labels"], pred["scores"], strict=True):
-            results.append({"image_id": i, "category_id": int(label) + 1, "segmentation": _rle(mask), "score": float(score)})
+            results.append({"image_id": i, "category_id": int(label) + 1, "segmentation": rle_of(mask), "score": float(score)})
     gt = COCO()
     gt.dataset = {"images": images, "annotations": annotations, "categories": [{"id": k + 1, "name": n} for k, n in enumerate(names)]}
     with contextlib.redirect_stdout(io.StringIO()):
@@ -88,17 +81,11 @@ def coco_mask_ap(scenes: Sequence[tuple[np.ndarray, np.ndarray, list[str]]], pre
 
 def evaluate_teacher(teacher, seed: int, count: int) -> dict:
     """The teacher's mask AP on ``count`` held-out scenes of the evaluation stream of ``seed``."""
-    from iosd.train.world_teacher import held_out_scenes
+    from iosd.train.world_teacher import held_out_scenes, teacher_classes
 
-    unknown = [n for n in teacher.names if n not in _shape_names()]
+    unknown = [n for n in teacher.names if n not in teacher_classes()]
     if unknown:
         raise UserError(f"the teacher labels {', '.join(map(repr, unknown[:3]))}, not shapes-world classes", "pass a teacher trained on the shapes world (scripts/train-teacher.py)")
     scenes = held_out_scenes(seed, count, list(teacher.names))
     predictions = predict_instances(teacher, [s[0] for s in scenes])
     return {**coco_mask_ap(scenes, predictions, teacher.names), "seed": seed, "score_thr": teacher.score_thr}
-
-
-def _shape_names() -> tuple[str, ...]:
-    from iosd.classes import load_split
-
-    return load_split("shapes", 1).all

@@ -179,7 +179,8 @@ def rle_of(mask: np.ndarray) -> dict:
     return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
-def _coco_rle_stats(rle: dict) -> tuple[float, list[float]]:
+def rle_stats(rle: dict) -> tuple[float, list[float]]:
+    """Area and COCO box (x, y, w, h) of an ``rle_of`` mask, as pycocotools computes them."""
     from pycocotools import mask as mask_util
 
     raw = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
@@ -202,7 +203,7 @@ class CocoExport(_FileExport):
             for cls, mask, verdict in zip(item.names, item.masks, item.verdicts, strict=True):
                 if verdict.kept:
                     rle = rle_of(mask)
-                    area, bbox = _coco_rle_stats(rle)
+                    area, bbox = rle_stats(rle)
                     anns.append({"category_id": self.ids[cls], "segmentation": rle, "area": area, "bbox": bbox, "iscrowd": 0, "score": verdict.confidence})
             images.append({"index": item.index, "file_name": name, "width": w, "height": h, "prompt": item.prompt, "seed": item.seed, "annotations": anns})
         return {"images": images}

@@ -77,9 +77,3 @@ def swapped_caption(rng: np.random.Generator, caption: str, names: list[str], cl
     other = [c for c in classes if c not in names]
     return caption.replace(name, str(rng.choice(other)), 1)
 
-
-def contrastive_batch(rng: np.random.Generator, captions: list[str], size: int) -> np.ndarray:
-    """``size`` scene indices with captions (the empty ones are for guidance, not for CLIP),
-    distinct, so no caption is its own negative."""
-    candidates = np.flatnonzero(np.array([bool(c) for c in captions]))
-    return rng.choice(candidates, size=min(size, len(candidates)), replace=False)

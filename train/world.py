@@ -27,6 +27,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -39,6 +40,9 @@ from iosd.manifest import replace_directory, share_like_output, write_bytes_atom
 from iosd.pipeline.models import quiet_libraries
 from iosd.recipes import get_recipe, recipe_names
 from iosd.worlds import PROVENANCE, WORLD_SIDE, WORLDS, directory_digests, random_colours
+
+if TYPE_CHECKING:
+    from iosd.train.world_teacher import TeacherConfig
 
 UNCONDITIONAL_RATE = 0.1  # captions dropped for classifier-free guidance
 EXTRA_TEMPLATES = (("{}", "{} and {}"), ("a picture of a {}", "a picture of a {} next to a {}"))
@@ -107,14 +111,23 @@ def caption_templates() -> list[tuple[str, str]]:
     return pairs + list(EXTRA_TEMPLATES)
 
 
-def sample_scene(rng: np.random.Generator, classes: list[str], templates: list[tuple[str, str]], side: int = WORLD_SIDE) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
-    """One training scene: image, masks, caption and the classes it shows."""
+def draw_objects(rng: np.random.Generator, classes: list[str], side: int = WORLD_SIDE) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """The world's scenes, uncaptioned: one or two objects of any of ``classes`` in random hues;
+    image, masks, names and colour words. The world generator's scenes and its teacher's
+    (train/world_teacher.py) are both drawn here, so the two see the same world."""
     from iosd.pipeline.shapes import render_scene
 
     count = 1 if rng.random() < 0.5 else 2
     names = [str(n) for n in rng.choice(classes, size=count, replace=False)]
     colours, hues = zip(*random_colours(rng, count), strict=True)
     image, masks = render_scene(names, rng, side, list(hues))
+    return image, masks, names, list(colours)
+
+
+def sample_scene(rng: np.random.Generator, classes: list[str], templates: list[tuple[str, str]], side: int = WORLD_SIDE) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
+    """One training scene: image, masks, caption and the classes it shows."""
+    image, masks, names, colours = draw_objects(rng, classes, side)
+    count = len(names)
     descriptions = []
     centres = [np.argwhere(m)[:, 1].mean() if m.any() else side / 2 for m in masks]
     for i, (name, colour, mask) in enumerate(zip(names, colours, masks, strict=True)):
@@ -230,17 +243,20 @@ def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def run_loop(stage: str, steps: int, ckpt: Checkpointed, step_fn, cfg: WorldConfig, show: bool, lr: float) -> dict:
-    """``step_fn(step) -> loss`` for steps not yet done, saving as it goes; returns the stage's summary."""
+def run_loop(stage: str, steps: int, ckpt: Checkpointed, step_fn, cfg: WorldConfig | TeacherConfig, show: bool, lr: float, stop_after: int | None = None) -> dict:
+    """``step_fn(step) -> loss`` for steps not yet done, saving as it goes; returns the stage's
+    summary. ``stop_after`` ends this run, saved, after that step (a planned kill: rerun
+    without it to continue); its summary says ``stopped``."""
     from iosd.train.runlog import Progress
 
     start = ckpt.load()
     state_file = ckpt.dir / "state.json"
     losses: list[float] = json.loads(state_file.read_text()).get("recent", []) if start else []
+    end = steps if stop_after is None else min(steps, stop_after)
     progress = Progress(show, steps, start, stage)
     t0, done_here = time.perf_counter(), 0
     try:
-        for step in range(start, steps):
+        for step in range(start, end):
             for group in ckpt.optimizer.param_groups:
                 group["lr"] = _lr(step, steps, lr, cfg.warmup)
             loss = step_fn(step)
@@ -248,10 +264,12 @@ def run_loop(stage: str, steps: int, ckpt: Checkpointed, step_fn, cfg: WorldConf
             done_here += 1
             rate = done_here * cfg.batch_size / (time.perf_counter() - t0)
             progress.advance(step + 1, loss=f"{np.mean(losses):.4f}", speed=f"{rate:.0f}")
-            if (step + 1) % cfg.save_every == 0 or step + 1 == steps:
+            if (step + 1) % cfg.save_every == 0 or step + 1 == end:
                 ckpt.save(step + 1, {"recent": losses})
     finally:
         progress.close()
+    if end < steps:
+        return {"steps": max(start, end), "stopped": True}
     return {"steps": steps, "final_loss": round(float(np.mean(losses)), 5) if losses else None}
 
 

@@ -29,7 +29,7 @@ from iosd.classes import load_split
 from iosd.errors import UserError
 from iosd.manifest import replace_directory, share_like_output, write_bytes_atomic
 from iosd.world_teachers import CONFIG_FILE, RECORD, WEIGHTS_FILE
-from iosd.worlds import WORLD_SIDE, directory_digests, random_colours
+from iosd.worlds import WORLD_SIDE, directory_digests
 
 BASE_CONFIG = "mask-rcnn_r50_fpn_1x_coco"  # mmdet's own Mask R-CNN, narrowed below
 TRAIN_STREAM, EVAL_STREAM = 1, 2  # rng streams: held-out scenes never share a draw with training
@@ -126,15 +126,12 @@ def build_model(config, seed: int) -> torch.nn.Module:
 # Scenes: the world's, with exact masks, from (seed, stream, index) alone.
 # ---------------------------------------------------------------------------------------
 def draw_scene(rng: np.random.Generator, classes: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """One scene as the world draws its training scenes: one or two objects of any class,
-    random hues; RGB uint8 (WORLD_SIDE, WORLD_SIDE, 3), its visible masks, their names. An
-    object that ends up with no visible pixel is dropped (it cannot be a box)."""
-    from iosd.pipeline.shapes import render_scene
+    """One scene as the world draws its training scenes (train/world.py ``draw_objects``);
+    RGB uint8 (WORLD_SIDE, WORLD_SIDE, 3), its visible masks, their names. An object that ends
+    up with no visible pixel is dropped (it cannot be a box)."""
+    from iosd.train.world import draw_objects
 
-    count = 1 if rng.random() < 0.5 else 2
-    names = [str(n) for n in rng.choice(classes, size=count, replace=False)]
-    hues = [hue for _, hue in random_colours(rng, count)]
-    image, masks = render_scene(names, rng, WORLD_SIDE, hues)
+    image, masks, names, _ = draw_objects(rng, classes)
     keep = [i for i in range(len(names)) if masks[i].any()]
     return image, masks[keep], [names[i] for i in keep]
 
@@ -206,12 +203,8 @@ def train_steps(model: torch.nn.Module, cfg: TeacherConfig, work: Path, show: bo
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
     parts: dict[str, float] = {}
-    state = work / "teacher" / "state.json"
-    recent: list[float] = json.loads(state.read_text()).get("recent", []) if state.exists() else []
 
     def step_fn(step: int) -> float:
-        if stop_after is not None and step >= stop_after:
-            raise _Stop(step)
         torch.manual_seed(_step_seed(cfg, step))
         batch = training_batch(cfg, classes, step)
         with _quiet():
@@ -223,24 +216,13 @@ def train_steps(model: torch.nn.Module, cfg: TeacherConfig, work: Path, show: bo
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         opt.step()
         parts.update({k: round(float(torch.as_tensor(v).detach()), 4) for k, v in log_vars.items() if k != "loss"})
-        recent[:] = (recent + [float(loss.detach())])[-100:]
-        return recent[-1]
+        return float(loss.detach())
 
-    ckpt = Checkpointed(work, "teacher", {"model": model}, opt)
-    try:
-        summary = run_loop("teacher", cfg.steps, ckpt, step_fn, cfg, show, cfg.lr)
-    except _Stop as stop:
-        if not state.exists() or json.loads(state.read_text())["step"] != stop.step:
-            ckpt.save(stop.step, {"recent": recent})
-        return {"steps": stop.step, "stopped": True}
+    summary = run_loop("teacher", cfg.steps, Checkpointed(work, "teacher", {"model": model}, opt), step_fn, cfg, show, cfg.lr, stop_after)
+    if summary.get("stopped"):
+        return summary
     model.eval()
     return {**summary, "last_step_losses": parts}
-
-
-class _Stop(Exception):
-    def __init__(self, step: int) -> None:
-        super().__init__(step)
-        self.step = step
 
 
 def _half(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
