@@ -117,12 +117,13 @@ def _exit_with(err: UserError) -> None:
     sys.exit(2)
 
 
-def user_errors(func: F | None = None, *, rerun: str = RESUME) -> Any:
+def user_errors(func: F | None = None, *, rerun: str = RESUME, kept: str = "finished shards are kept") -> Any:
     """Decorate a click command so UserError, a full disk or an unwritable output (and Ctrl-C)
     end with one line, not a traceback. ``rerun``: how to pick up again after the disk fault
-    (``@user_errors(rerun=...)``; bare ``@user_errors`` says rerun the same command)."""
+    (``@user_errors(rerun=...)``; bare ``@user_errors`` says rerun the same command); ``kept``:
+    what a Ctrl-C leaves behind ("checkpoints are kept" for a training command)."""
     if func is None:
-        return functools.partial(user_errors, rerun=rerun)
+        return functools.partial(user_errors, rerun=rerun, kept=kept)
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -131,7 +132,7 @@ def user_errors(func: F | None = None, *, rerun: str = RESUME) -> Any:
         except UserError as err:
             _exit_with(err)
         except KeyboardInterrupt:
-            print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
+            print(f"interrupted: {kept}; {rerun.removeprefix('then ')}", file=sys.stderr)
             sys.exit(130)
         except Exception as err:
             line = storage_error(err, rerun)

@@ -78,6 +78,7 @@ STREAMS = {"train": 0, "test": 1}  # test seeds never collide with training seed
 PAIRS_TAG = 0x70616972  # "pair": the two-object plan's own random stream, apart from candidates'
 IMAGE_SOURCE_T = 50  # default re-noising timestep for image sources (GD: features near the end)
 IMAGE_SOURCES = ("shapes", *LABELLED_SOURCES)  # sources with exact masks, features from a re-noised pass
+LABELS = (None, "exact", "teacher")  # who labels an image source's images (--labels)
 DEFAULT_SAMPLES = 1000  # --num-samples of generated sources (labelled sources: every usable image)
 
 # Fields that do not change a shard's content: changing them never invalidates a set.
@@ -125,6 +126,7 @@ class GenConfig:
     teacher_checkpoint: str | None = None
     teacher: str | None = None  # --teacher (pipeline/teachers); None: mmdet, kept out of older sets' identity
     teacher_model: str | None = None  # text teachers: comma-separated ids/directories per component
+    labels: str | None = None  # image sources: None/"exact" (their masks) or "teacher" (the teacher's, as generated images get)
     min_score: float | None = None
     score_thr: float | None = None
     mask_thr: float | None = None
@@ -153,9 +155,9 @@ class GenConfig:
             resolved.origin["resolution"].update(value=c.resolution, source=f"the {c.model} model's native {c.resolution} px")
         if c.teacher == DEFAULT_TEACHER:
             c.teacher = None  # --teacher mmdet is the default: the same set, identity and bytes as without it
-        if c.teacher is not None and source_kind(c.source) not in IMAGE_SOURCES:
+        if c.teacher is not None and c.teacher_labels:
             apply_teacher_defaults(self, c, resolved)
-        if self.tiny_teacher or source_kind(c.source) in IMAGE_SOURCES:
+        if self.tiny_teacher or not c.teacher_labels:
             for name in ("min_score", "score_thr"):
                 if getattr(self, name) is None:
                     setattr(c, name, 0.0)
@@ -172,6 +174,12 @@ class GenConfig:
             raise UserError(f"--images-per-class must be positive (got {c.images_per_class})", "pass a number > 0")
         if source_kind(c.source) not in SOURCES or (":" in c.source) != (source_kind(c.source) in LABELLED_SOURCES):
             raise UserError(f"unknown --source {c.source!r}", "use diffusion, shapes, coco:ANNOTATIONS.json[:IMAGES_DIR] or folder:DIR")
+        if c.labels not in LABELS:
+            raise UserError(f"unknown --labels {c.labels!r}", f"use one of {', '.join(x for x in LABELS if x)}")
+        if c.labels == "teacher" and source_kind(c.source) not in IMAGE_SOURCES:
+            raise UserError(f"--labels teacher is for image sources; --source {c.source} is always labelled by the teacher", "drop --labels, or pass --source shapes (or coco:/folder:)")
+        if c.labels == "exact":
+            c.labels = None  # the default: the same set, identity and bytes as without it
         labelled = source_kind(c.source) in LABELLED_SOURCES
         if labelled:
             from iosd.pipeline.real_images import check_labelled_options
@@ -228,7 +236,7 @@ class GenConfig:
         layer preset of a model known by name, the teacher's files, and --out."""
         check_class_names(load_split(self.classes, self.split).all, f"--classes {self.classes}")
         check_layers_family(self.layers, self.model)
-        if source_kind(self.source) not in IMAGE_SOURCES:
+        if self.teacher_labels:
             check_teacher_choice(self.teacher, self.teacher_config, self.teacher_checkpoint, self.teacher_model)
             if self.teacher in (None, DEFAULT_TEACHER) and not self.tiny_teacher:
                 check_teacher_files(self.teacher_config, self.teacher_checkpoint)
@@ -239,6 +247,12 @@ class GenConfig:
     @staticmethod
     def query_spec_of(c: GenConfig) -> QuerySpec:
         return QuerySpec(c.query_template, c.query_pooling, c.query_hidden).check()
+
+    @property
+    def teacher_labels(self) -> bool:
+        """Whether the teacher labels the images: always for generated ones; for an image source
+        (exact masks) only with --labels teacher."""
+        return source_kind(self.source) not in IMAGE_SOURCES or self.labels == "teacher"
 
     @property
     def tiny_teacher(self) -> bool:
@@ -418,7 +432,7 @@ class Generator:
         self.task = resolve_task(self.cfg.task)  # independent tasks: no process group between them
 
     def _teacher(self):
-        if source_kind(self.cfg.source) in IMAGE_SOURCES:
+        if not self.cfg.teacher_labels:
             return None
         from iosd.pipeline.teachers import build_teacher, options_from_config
 
@@ -529,7 +543,7 @@ class Generator:
         return out
 
     def _labels(self, batch: list[Candidate], out: Produced) -> list[tuple[list[np.ndarray], list[float]]]:
-        if out.exact_masks is not None:
+        if self.teacher is None:
             return [(list(m), [1.0] * len(m)) for m in out.exact_masks]
         t0 = time.perf_counter()
         labels = self.teacher.label(list(out.images), [c.names for c in batch])

@@ -44,7 +44,7 @@ from iosd.world_teachers import CONFIG_FILE, RECORD, TEACHERS, rebuild_command, 
 @click.option("--eval-only", is_flag=True, help="only score the teacher already in --out")
 @click.option("--threads", type=int, default=None, help="torch threads [default: torch's]")
 @click.option("--quiet", is_flag=True)
-@user_errors
+@user_errors(kept="checkpoints are kept")
 def main(name, seed, steps, batch_size, lr, side, width, fpn, out, work, save_every, stop_after, eval_scenes, eval_seed, eval_only, threads, quiet):
     import torch
 

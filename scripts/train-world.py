@@ -35,13 +35,14 @@ from iosd.worlds import WORLDS, world_dir
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="[default: iosd/data/worlds/<world>, where --model <world> loads it]")
 @click.option("--work", type=click.Path(path_type=Path), default=None, help="checkpoints for resuming [default: runs/train-world/<out name>-seed<seed>]")
 @click.option("--grounding", type=float, default=0.1, help="weight of the token grounding loss (train/grounding.py); 0 trains on captions alone")
-@click.option("--text", "text_mode", type=click.Choice(["joint", "clip"]), default="joint", help="joint: text encoders trained with the UNet (the shipped world); clip: pretrained contrastively on the scenes (NegCLIP hard negatives), then frozen, as SD's CLIP (docs/cpu-world.md: measured, not better here)")
+@click.option("--text", "text_mode", type=click.Choice(["joint", "clip", "frozen"]), default="joint", help="joint: text encoders trained with the UNet (the shipped world); clip: pretrained contrastively on the scenes (NegCLIP hard negatives), then frozen, as SD's CLIP (docs/cpu-world.md: measured, not better here); frozen: left at their random init, so the names stay apart")
 @click.option("--text-steps", type=int, default=1500, help="contrastive steps of the text encoders (--text clip)")
+@click.option("--unet-width", type=int, default=1, help="the UNet's channels and heads times this (1: the shipped world's, 2.6 M parameters)")
 @click.option("--save-every", type=int, default=250)
 @click.option("--threads", type=int, default=None, help="torch threads [default: torch's]")
 @click.option("--quiet", is_flag=True)
-@user_errors
-def main(world, seed, scenes, vae_steps, unet_steps, batch_size, exclude, out, work, grounding, text_mode, text_steps, save_every, threads, quiet):
+@user_errors(kept="checkpoints are kept")
+def main(world, seed, scenes, vae_steps, unet_steps, batch_size, exclude, out, work, grounding, text_mode, text_steps, unet_width, save_every, threads, quiet):
     import torch
 
     from iosd.train.world import WorldConfig, train_world
@@ -50,7 +51,7 @@ def main(world, seed, scenes, vae_steps, unet_steps, batch_size, exclude, out, w
         torch.set_num_threads(threads)
     cfg = WorldConfig(world=world, seed=seed, scenes=scenes, vae_steps=vae_steps, unet_steps=unet_steps, batch_size=batch_size,
                       exclude=[c.strip() for c in exclude.split(",") if c.strip()], save_every=save_every, grounding=grounding,
-                      text=text_mode, text_steps=text_steps)
+                      text=text_mode, text_steps=text_steps, unet_width=unet_width)
     out = out or world_dir(world)
     work = work or Path("runs/train-world") / f"{out.name}-seed{seed}"
     started = time.perf_counter()

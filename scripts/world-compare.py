@@ -17,6 +17,10 @@ Arms (docs/cpu-world.md):
   negative      IOSD's negative-class prompts: two objects, only the query supervised
   blind         a generator trained without the unseen classes (IOSD_WORLDS_DIR=--blind-worlds)
   random        the random-weight tiny SDXL of the same classes (no semantics at all)
+  teacher       `head`'s scenes labelled by the trained world teacher (--labels teacher) instead
+                of exact masks, no filter: a real detector's mistakes
+  teacher-0.8   the same through IOSD's 0.8 confidence filter (--min-score 0.8)
+  teacher-top   the same with the top instance per class (--gt top, IOSD's) instead of the union
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import click
 from iosd.errors import UserError, user_errors
 
 BASE_GEN = ["--source", "shapes", "--classes", "shapes", "--split", "1", "--recipe", "fast", "--shard-size", "100", "--batch-size", "16"]
+TEACHER_LABELS = ["--labels", "teacher", "--teacher-config", "world-maskrcnn"]  # the shipped CPU-world Mask R-CNN
 ARMS: dict[str, dict] = {
     "head": {"gen": ["--model", "world-sdxl", "--objects", "mix"]},
     "objects-1": {"gen": ["--model", "world-sdxl", "--objects", "1"]},
@@ -41,6 +46,9 @@ ARMS: dict[str, dict] = {
     "negative": {"gen": ["--model", "world-sdxl", "--objects", "2", "--negative"]},
     "blind": {"gen": ["--model", "world-sdxl", "--objects", "mix"], "blind": True},
     "random": {"gen": ["--model", "tiny", "--resolution", "64", "--objects", "mix"]},
+    "teacher": {"gen": ["--model", "world-sdxl", "--objects", "mix", *TEACHER_LABELS, "--min-score", "0"]},
+    "teacher-0.8": {"gen": ["--model", "world-sdxl", "--objects", "mix", *TEACHER_LABELS, "--min-score", "0.8"]},
+    "teacher-top": {"gen": ["--model", "world-sdxl", "--objects", "mix", *TEACHER_LABELS, "--min-score", "0.8", "--gt", "top"]},
 }
 GROUPS = ("seen+seen", "seen+unseen", "unseen+unseen")
 
@@ -85,7 +93,7 @@ def _spread(values: list[float]) -> dict:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/world-compare"))
 @click.option("--gen-args", default="", help="extra iosd-gen options for every arm, e.g. '--feature-t 300'")
 @click.option("--quick", is_flag=True, help="400 samples, 300 steps, 6 images per class: checks the machinery, not the numbers")
-@user_errors
+@user_errors(kept="finished runs are kept")
 def main(arms: str, seeds: str, samples: int, steps: int, images_per_class: int, blind_worlds: str, out: Path, gen_args: str, quick: bool) -> None:
     if quick:
         samples, steps, images_per_class = 400, 300, 6

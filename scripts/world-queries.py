@@ -23,7 +23,7 @@ from iosd.errors import UserError, user_errors
 @click.option("--model", default="world-sdxl", help="a trained world (iosd/worlds.py)")
 @click.option("--template", default="a photograph of a {}", help="the query template (the fast recipe's)")
 @click.option("--png", type=click.Path(path_type=Path), default=None, help="write the query cosine matrix here")
-@user_errors
+@user_errors(kept="nothing was written", rerun="then rerun the same command")
 def main(model: str, template: str, png: Path | None) -> None:
     from iosd.pipeline.models import load_model
     from iosd.train.name_geometry import name_geometry

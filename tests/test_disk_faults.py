@@ -43,6 +43,21 @@ def test_storage_faults_are_one_line(err, line):
     assert result.exit_code == 2 and line in result.output and len(result.output.strip().splitlines()) == 1, result.output
 
 
+@pytest.mark.parametrize("decorate, line", [
+    (user_errors, "interrupted: finished shards are kept; rerun the same command to resume"),
+    (user_errors(kept="checkpoints are kept"), "interrupted: checkpoints are kept; rerun the same command to resume"),
+    (user_errors(kept="nothing was written", rerun="then rerun the same command"), "interrupted: nothing was written; rerun the same command"),
+])
+def test_ctrl_c_says_what_each_command_keeps(decorate, line):
+    @click.command()
+    @decorate
+    def cmd() -> None:
+        raise KeyboardInterrupt
+
+    result = CliRunner().invoke(cmd, [])
+    assert result.exit_code == 130 and result.output.strip() == line, result.output
+
+
 def test_other_os_errors_still_raise():
     @click.command()
     @user_errors

@@ -277,3 +277,37 @@ def test_clip_text_mode_pretrains_the_encoders_then_keeps_them_frozen(tmp_path):
     assert torch.equal(norm(shipped), norm(after_text).half())  # untouched by the denoiser stage
     with pytest.raises(UserError, match="--text"):
         WorldConfig(text="both")
+
+
+def test_a_wider_world_unet_keeps_the_layout_and_the_head_size():
+    """--unet-width k: the family's tiny layout with k times the channels and heads (so the
+    head size, and with it the attention maps' meaning, stays); 1 is the shipped world's."""
+    from iosd.pipeline.tiny import TINY_SD1_UNET_CONFIG, TINY_UNET_CONFIG
+    from iosd.train.world import unet_config
+
+    one, two = unet_config("sdxl", 1), unet_config("sdxl", 2)
+    assert {**one, "sample_size": TINY_UNET_CONFIG["sample_size"]} == TINY_UNET_CONFIG and one["sample_size"] == 16
+    assert two["block_out_channels"] == [64, 128, 128] and two["attention_head_dim"] == [4, 8, 8]
+    assert two["down_block_types"] == TINY_UNET_CONFIG["down_block_types"] and two["cross_attention_dim"] == TINY_UNET_CONFIG["cross_attention_dim"]
+    assert unet_config("sd", 3)["attention_head_dim"] == 3 * TINY_SD1_UNET_CONFIG["attention_head_dim"]
+    with pytest.raises(UserError, match="--unet-width 0"):
+        unet_config("sdxl", 0)
+
+
+def test_frozen_text_and_a_wider_unet_train_end_to_end(tmp_path):
+    """--text frozen --unet-width 2: the shipped text encoder is its random initialisation (the
+    names stay apart by construction), the shipped UNet has twice the channels, and the record
+    holds both settings."""
+    import torch
+    from safetensors.torch import load_file
+
+    from iosd.train.world import WorldConfig, base_pipeline, train_world
+
+    out = tmp_path / "world-sdxl"
+    record = train_world(WorldConfig(**MICRO, text="frozen", unet_width=2), out, tmp_path / "work", show=False, log=lambda m: None)
+    assert record["config"]["text"] == "frozen" and record["config"]["unet_width"] == 2 and record["text"] is None
+    initial = base_pipeline("sdxl", 0, unet_width=2).text_encoder.state_dict()
+    shipped = load_file(out / "text_encoder" / "model.safetensors")
+    key = next(k for k in shipped if k.endswith("final_layer_norm.weight"))
+    assert torch.equal(shipped[key], initial[key].half())
+    assert json.loads((out / "unet" / "config.json").read_text())["block_out_channels"] == [64, 128, 128]

@@ -174,3 +174,55 @@ def test_the_shipped_teacher_matches_its_record_and_finds_shapes():
     teacher = build_teacher(TeacherOptions(name="mmdet", config="world-maskrcnn", score_thr=0.05))
     scores = evaluate_teacher(teacher, seed=1, count=40)
     assert scores["AP50"] > 0.3, scores
+
+
+def test_teacher_labels_on_rendered_scenes_filter_and_differ_from_exact_masks(tmp_path):
+    """--labels teacher: the shapes world's own images, labelled by the shipped detector as
+    generated images are (its masks, its scores, the --min-score filter), so a head can be
+    trained on a real teacher's mistakes; the default (exact masks) keeps its identity."""
+    from click.testing import CliRunner
+
+    from iosd.manifest import read_manifest
+    from iosd.pipeline.cli import main as gen_main
+    from iosd.schema import iter_tar_samples
+    from iosd.world_teachers import teacher_dir
+
+    if not (teacher_dir("world-maskrcnn") / "teacher.json").exists():
+        pytest.skip("world-maskrcnn is not shipped (python scripts/train-teacher.py)")
+    base = ["--source", "shapes", "--classes", "shapes", "--model", "world-sdxl", "--num-samples", "6", "--shard-size", "6", "--quiet"]
+    runs = {}
+    for name, extra in (("exact", []), ("teacher", ["--labels", "teacher", "--teacher-config", "world-maskrcnn", "--min-score", "0.8"])):
+        result = CliRunner().invoke(gen_main, [*base, *extra, "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        runs[name] = (read_manifest(tmp_path / name), {s.seed: s for s in iter_tar_samples(str(tmp_path / name / "shard-000000.tar"), features=False)})
+    exact, teacher = runs["exact"][0], runs["teacher"][0]
+    assert "labels" not in exact["config"] and exact["teacher"]["kind"] == "exact"
+    assert teacher["config"]["labels"] == "teacher" and teacher["teacher"]["config"] == "world-maskrcnn" and not teacher["teacher"]["random_weights"]
+    assert teacher["config"]["min_score"] == 0.8 and teacher["identity"] != exact["identity"]
+    kept = [r for s in runs["teacher"][1].values() for r in s.classes if r.decision == "kept"]
+    assert kept and all(r.score >= 0.8 for r in kept)
+    # the same seeds render the same scenes: where both kept a sample, the teacher's mask is its own
+    shared = set(runs["exact"][1]) & set(runs["teacher"][1])
+    assert shared and all(np.array_equal(runs["exact"][1][k].image, runs["teacher"][1][k].image) for k in shared)
+    assert any(not np.array_equal(runs["exact"][1][k].masks, runs["teacher"][1][k].masks) for k in shared)
+    # scripts/teacher-vs-exact.py pairs the two sets by seed and scores the teacher's masks
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "teacher-vs-exact.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "exact"), str(tmp_path / "teacher")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["scenes"] == len(shared) and report["masks_at_or_above"] == sum(r.decision == "kept" for k in shared for r in runs["teacher"][1][k].classes) and report["masks_below"] == 0
+    assert 0.3 < report["mean_iou_at_or_above"] <= 1
+
+
+def test_labels_teacher_needs_an_image_source(tmp_path):
+    from click.testing import CliRunner
+
+    from iosd.pipeline.cli import main as gen_main
+
+    result = CliRunner().invoke(gen_main, ["--model", "tiny", "--labels", "teacher", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--labels teacher is for image sources" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x").exists()

@@ -65,7 +65,7 @@ def parse_head_options(values: tuple[str, ...]) -> dict:
 @click.option("--no-tensorboard", is_flag=True, help="do not write TensorBoard events even if it is installed")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @click.pass_context
-@user_errors(rerun="then rerun with --resume to continue from the last checkpoint")
+@user_errors(rerun="then rerun with --resume to continue from the last checkpoint", kept="checkpoints are kept")
 def main(ctx: click.Context, show_config: bool, **options) -> None:
     """Train a grounding head (features + class embedding -> mask) on iosd-gen shards.
 

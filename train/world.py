@@ -55,7 +55,7 @@ LATENT_DOWN = 4  # the world VAE's pixels per latent cell
 VAE_CROP = 32  # the VAE trains on crops: convolutional, it learns the same code at a quarter of the cost
 WORLD_VAE = {"block_out_channels": [16, 32, 64], "norm_num_groups": 8}
 EMA_DECAY = 0.999
-TEXT_MODES = ("clip", "joint")
+TEXT_MODES = ("clip", "joint", "frozen")
 
 
 @dataclass
@@ -74,10 +74,11 @@ class WorldConfig:
     exclude: list[str] = field(default_factory=list)  # classes never drawn nor named (the blind control)
     save_every: int = 250
     grounding: float = 0.1  # weight of the token grounding loss (train/grounding.py); 0: captions alone
-    text: str = "joint"  # "joint": encoders trained with the UNet (world v1); "clip": pretrained contrastively, then frozen (as SD's)
+    text: str = "joint"  # "joint": encoders trained with the UNet (world v1); "clip": pretrained contrastively, then frozen (as SD's); "frozen": left at their random init
     text_steps: int = 1500
     text_batch: int = 128
     text_lr: float = 1e-3
+    unet_width: int = 1  # the family's tiny UNet with every channel and head count times this
 
     def __post_init__(self) -> None:
         if self.text not in TEXT_MODES:
@@ -177,24 +178,30 @@ def build_scenes(cfg: WorldConfig) -> Scenes:
 # ---------------------------------------------------------------------------------------
 # Models: the family's tiny pipeline (real classes, real BPE), at the world's side.
 # ---------------------------------------------------------------------------------------
-def base_pipeline(family: str, seed: int):
+def unet_config(family: str, width: int = 1) -> dict:
+    """The world UNet: the family's tiny layout at the world's latent side, its channels and
+    heads times ``width`` (the head size stays; 1 is the shipped world's)."""
+    from iosd.pipeline.tiny import TINY_SD1_UNET_CONFIG, TINY_UNET_CONFIG
+
+    if width < 1:
+        raise UserError(f"--unet-width {width} is not a positive multiple", "pass 1 (the shipped world's UNet), 2, ...")
+    base = TINY_UNET_CONFIG if family == "sdxl" else TINY_SD1_UNET_CONFIG
+    heads = base["attention_head_dim"]
+    return {**base, "sample_size": WORLD_SIDE // LATENT_DOWN, "block_out_channels": [c * width for c in base["block_out_channels"]],
+            "attention_head_dim": [h * width for h in heads] if isinstance(heads, list) else heads * width}
+
+
+def base_pipeline(family: str, seed: int, unet_width: int = 1):
     """The family's embedded pipeline with a fresh VAE and UNet sized for the world."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from iosd.pipeline.tiny import (
-        TINY_SD1_UNET_CONFIG,
-        TINY_UNET_CONFIG,
-        TINY_VAE_CONFIG,
-        tiny_pipeline,
-        tiny_sd1_pipeline,
-    )
+    from iosd.pipeline.tiny import TINY_VAE_CONFIG, tiny_pipeline, tiny_sd1_pipeline
 
     pipe = (tiny_pipeline if family == "sdxl" else tiny_sd1_pipeline)(seed)
     torch.manual_seed(seed + 10)
     pipe.vae = AutoencoderKL(**{**TINY_VAE_CONFIG, **WORLD_VAE, "sample_size": WORLD_SIDE})
-    unet_config = TINY_UNET_CONFIG if family == "sdxl" else TINY_SD1_UNET_CONFIG
     torch.manual_seed(seed + 11)
-    pipe.unet = UNet2DConditionModel(**{**unet_config, "sample_size": WORLD_SIDE // 4})
+    pipe.unet = UNet2DConditionModel(**unet_config(family, unet_width))
     pipe.register_modules(vae=pipe.vae, unet=pipe.unet)
     return pipe
 
@@ -387,7 +394,7 @@ def train_denoiser(pipe, family, latents: torch.Tensor, scenes: Scenes, cfg: Wor
 
     captions = scenes.captions
     model = denoiser(pipe, family, cfg.text).train().requires_grad_(True)
-    frozen_text = torch.no_grad() if cfg.text == "clip" else contextlib.nullcontext()
+    frozen_text = contextlib.nullcontext() if cfg.text == "joint" else torch.no_grad()
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
     alphas = pipe.scheduler.alphas_cumprod.float()
@@ -487,7 +494,7 @@ def train_world(cfg: WorldConfig, out: Path, work: Path, show: bool = True, log=
     if identity.exists() and json.loads(identity.read_text()) != asdict(cfg):
         raise UserError(f"{work} holds a run with other settings", "pass --work elsewhere or remove it to start over")
     write_bytes_atomic(identity, json.dumps(asdict(cfg), indent=2).encode())
-    pipe = base_pipeline(family.name, cfg.seed)
+    pipe = base_pipeline(family.name, cfg.seed, cfg.unet_width)
     log(f"scenes: {cfg.scenes} at {WORLD_SIDE} px, classes {', '.join(world_classes(cfg.exclude))}")
     scenes = build_scenes(cfg)
     vae_summary = train_vae(pipe.vae, scenes.images, cfg, work, show)

@@ -268,7 +268,7 @@ def train_teacher(cfg: TeacherConfig, out: Path, work: Path, show: bool = True, 
     model = build_model(config, cfg.seed)
     log(f"teacher: Mask R-CNN, ResNet-18 x{cfg.width} / FPN {cfg.fpn}, {sum(p.numel() for p in model.parameters()):,} parameters, scenes at {WORLD_SIDE} px upscaled to {cfg.side}")
     summary = train_steps(model, cfg, work, show, stop_after)
-    wall = _add_wall(work, time.perf_counter() - started)
+    wall, peak = _add_run(work, time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     if summary.get("stopped"):
         return summary
     record = {
@@ -286,18 +286,20 @@ def train_teacher(cfg: TeacherConfig, out: Path, work: Path, show: bool = True, 
         "mmcv": _version("mmcv"),
         "wall_seconds_this_run": round(time.perf_counter() - started, 1),
         "wall_seconds_all_runs": wall,  # a resumed run's earlier runs included (to the last stop)
-        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "peak_rss_gb": peak,  # the largest of those runs' peaks, not only this (perhaps save-only) run's
     }
     return save_teacher(model, config, out, record)
 
 
-def _add_wall(work: Path, seconds: float) -> float:
-    """Training wall seconds over every run in ``work`` that ended by itself (finished or
-    --stop-after); a run killed from outside adds nothing."""
+def _add_run(work: Path, seconds: float, peak_gb: float) -> tuple[float, float]:
+    """Training wall seconds summed, and peak RSS (GB) maximised, over every run in ``work``
+    that ended by itself (finished or --stop-after); a run killed from outside adds nothing."""
     path = work / "wall.json"
-    total = (json.loads(path.read_text())["seconds"] if path.exists() else 0.0) + seconds
-    write_bytes_atomic(path, json.dumps({"seconds": round(total, 1)}).encode())
-    return round(total, 1)
+    before = json.loads(path.read_text()) if path.exists() else {}
+    total = round(before.get("seconds", 0.0) + seconds, 1)
+    peak = round(max(before.get("peak_rss_gb", 0.0), peak_gb), 2)
+    write_bytes_atomic(path, json.dumps({"seconds": total, "peak_rss_gb": peak}).encode())
+    return total, peak
 
 
 def _version(module: str) -> str:

@@ -74,8 +74,8 @@ def threshold_defaults(name: str) -> dict[str, dict]:
 
 def unset_teacher_fields(cfg: Any) -> tuple[str, ...]:
     """The teacher options left unset (None): kept out of a set's identity and manifest config,
-    so sets from before --teacher (and every mmdet set) keep the same bytes and identity."""
-    return tuple(k for k in ("teacher", "teacher_model") if getattr(cfg, k, None) is None)
+    so sets from before --teacher and --labels (and every mmdet set) keep the same bytes and identity."""
+    return tuple(k for k in ("teacher", "teacher_model", "labels") if getattr(cfg, k, None) is None)
 
 
 def split_models(teacher_model: str | None) -> tuple[str, ...]:
