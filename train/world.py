@@ -369,10 +369,11 @@ def train_text(pipe, family, scenes: Scenes, cfg: WorldConfig, work: Path, show:
 
 def denoiser(pipe, family, text: str) -> torch.nn.ModuleDict:
     """What learns in the last stage: the UNet, and with ``text="joint"`` the text encoders
-    too (world v1). Measured: with the encoders frozen *at random*, the UNet ignored the
-    caption after 2000 steps (noise prediction with the right class names, wrong ones or none
-    differed by 0.01%); trained with it, the names matter within 1000 steps but collapse onto
-    one axis; pretrained contrastively ("clip") and frozen, as SD's are, they stay apart."""
+    too (world v1). Measured (docs/cpu-world.md): frozen *at random* without token grounding,
+    the UNet ignored the caption after 2000 steps (noise prediction with the right class names,
+    wrong ones or none differed by 0.01%), and with it ("frozen") the names stay apart but the
+    samples are no more recognisable; trained with the UNet, the names matter within 1000 steps
+    but collapse onto one axis; pretrained contrastively ("clip") they collapse less."""
     modules = {"unet": pipe.unet}
     if text == "joint":
         modules |= {attr: getattr(pipe, attr) for _, attr in family.encoders}
