@@ -38,6 +38,8 @@ def _samples(directory: Path) -> dict:
 def main(exact: Path, teacher: Path, score: float) -> None:
     import numpy as np
 
+    from iosd.evaluate.metrics import mask_iou
+
     truth, labelled = _samples(exact), _samples(teacher)
     shared = sorted(set(truth) & set(labelled))
     if not shared:
@@ -54,8 +56,7 @@ def main(exact: Path, teacher: Path, score: float) -> None:
             counts[r.score >= score] += 1
             if r.mask_index is None or r.name not in exact_masks:
                 continue
-            m, e = b.masks[r.mask_index].astype(bool), exact_masks[r.name]
-            groups["at_or_above" if r.score >= score else "below"].append(float((m & e).sum() / max((m | e).sum(), 1)))
+            groups["at_or_above" if r.score >= score else "below"].append(mask_iou(b.masks[r.mask_index], exact_masks[r.name]) or 0.0)
     report = {"scenes": len(shared), "score": score}
     for name, ious in groups.items():
         report[f"masks_{name}"] = len(ious)

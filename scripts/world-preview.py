@@ -33,7 +33,7 @@ READ_SCORE = 0.05  # the teacher keeps instances above this, as its mask AP is s
 @click.option("--seed", type=int, default=0)
 @click.option("--pairs", type=int, default=4, help="two-object captions after the one-object ones")
 @click.option("--teacher", default=None, help="a trained world teacher (world-maskrcnn) that reads the samples; needs mmdet")
-@click.option("--per-class", type=int, default=8, help="one-object samples per class that --teacher reads")
+@click.option("--per-class", type=click.IntRange(min=1), default=8, help="one-object samples per class that --teacher reads")
 @user_errors(kept="nothing was written", rerun="then rerun the same command")
 def main(model: str, out: str, steps: int, guidance: float, seed: int, pairs: int, teacher: str | None, per_class: int) -> None:
     import numpy as np
@@ -48,9 +48,11 @@ def main(model: str, out: str, steps: int, guidance: float, seed: int, pairs: in
         from iosd.pipeline.teachers import TeacherOptions, build_teacher
 
         reader = build_teacher(TeacherOptions(name="mmdet", config=teacher, score_thr=READ_SCORE))  # first: a bad teacher is one line
+    names = list(load_split("shapes", 1).all)
+    if reader:
+        reader.check_classes(names)  # a detector without the shape classes: one line before sampling
     loaded = load_model(model, device="cpu")
     side = loaded.info.get("world", {}).get("side", 64)
-    names = list(load_split("shapes", 1).all)
     repeats = per_class if reader else 1
     captions = [f"a photograph of a {n}" for n in names for _ in range(repeats)]
     prompted = [n for n in names for _ in range(repeats)]

@@ -85,3 +85,5 @@ def test_world_preview_reads_its_samples(tmp_path):
     assert out.stat().st_size > 0
     bad = subprocess.run([sys.executable, str(root / "scripts/world-preview.py"), "--teacher", "no-such-teacher", "--out", str(tmp_path / "x.png")], cwd=root, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists(), bad.stderr
+    none = subprocess.run([sys.executable, str(root / "scripts/world-preview.py"), "--teacher", "world-maskrcnn", "--per-class", "0", "--out", str(tmp_path / "x.png")], cwd=root, capture_output=True, text=True, timeout=600)
+    assert none.returncode == 2 and "--per-class" in none.stderr and not (tmp_path / "x.png").exists(), none.stderr

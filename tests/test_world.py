@@ -292,6 +292,10 @@ def test_a_wider_world_unet_keeps_the_layout_and_the_head_size():
     assert unet_config("sd", 3)["attention_head_dim"] == 3 * TINY_SD1_UNET_CONFIG["attention_head_dim"]
     with pytest.raises(UserError, match="--unet-width 0"):
         unet_config("sdxl", 0)
+    from iosd.train.world import WorldConfig
+
+    with pytest.raises(UserError, match="--unet-width 0"):  # refused before a work directory records it
+        WorldConfig(unet_width=0)
 
 
 def test_frozen_text_and_a_wider_unet_train_end_to_end(tmp_path):

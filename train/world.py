@@ -83,6 +83,7 @@ class WorldConfig:
     def __post_init__(self) -> None:
         if self.text not in TEXT_MODES:
             raise UserError(f"unknown --text {self.text!r}", f"use one of {', '.join(TEXT_MODES)}")
+        check_unet_width(self.unet_width)
 
     @property
     def family(self) -> str:
@@ -178,13 +179,17 @@ def build_scenes(cfg: WorldConfig) -> Scenes:
 # ---------------------------------------------------------------------------------------
 # Models: the family's tiny pipeline (real classes, real BPE), at the world's side.
 # ---------------------------------------------------------------------------------------
+def check_unet_width(width: int) -> None:
+    if width < 1:
+        raise UserError(f"--unet-width {width} is not a positive multiple", "pass 1 (the shipped world's UNet), 2, ...")
+
+
 def unet_config(family: str, width: int = 1) -> dict:
     """The world UNet: the family's tiny layout at the world's latent side, its channels and
     heads times ``width`` (the head size stays; 1 is the shipped world's)."""
     from iosd.pipeline.tiny import TINY_SD1_UNET_CONFIG, TINY_UNET_CONFIG
 
-    if width < 1:
-        raise UserError(f"--unet-width {width} is not a positive multiple", "pass 1 (the shipped world's UNet), 2, ...")
+    check_unet_width(width)
     base = TINY_UNET_CONFIG if family == "sdxl" else TINY_SD1_UNET_CONFIG
     heads = base["attention_head_dim"]
     return {**base, "sample_size": WORLD_SIDE // LATENT_DOWN, "block_out_channels": [c * width for c in base["block_out_channels"]],
