@@ -58,9 +58,9 @@ def summarise_reads(reads: Sequence[dict]) -> dict:
     }
 
 
-def rendered_one_object(names: Sequence[str], per_class: int, seed: int, side: int) -> list[tuple[np.ndarray, str]]:
-    """``per_class`` of the world's own one-object scenes per class (random hues, clutter), as its
-    training scenes are drawn: what the teacher reads in them is the ceiling for samples."""
+def rendered_one_object(names: Sequence[str], per_class: int, seed: int, side: int, style: str = "textured") -> list[tuple[np.ndarray, str]]:
+    """``per_class`` of the world's own one-object scenes per class (random hues, its ``style``),
+    as its training scenes are drawn: what the teacher reads in them is the ceiling for samples."""
     from iosd.pipeline.shapes import render_scene
     from iosd.worlds import random_colours
 
@@ -69,6 +69,6 @@ def rendered_one_object(names: Sequence[str], per_class: int, seed: int, side: i
         for i in range(per_class):
             rng = np.random.default_rng([seed, 17, k, i])
             (_, hue), = random_colours(rng, 1)
-            image, _ = render_scene([name], rng, side, [hue])
+            image, _ = render_scene([name], rng, side, [hue], style)
             out.append((image, name))
     return out

@@ -91,7 +91,7 @@ def _load_world(name: str, dev: torch.device) -> LoadedModel:
     pipe = _from_pretrained(family, name, str(root), root, None, torch.float32)
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
-    world = {"name": name, "palette": record["palette"], "side": record["side"], "seed": record["config"]["seed"]}
+    world = {"name": name, "palette": record["palette"], "style": record.get("style", "textured"), "side": record["side"], "seed": record["config"]["seed"]}
     info = {"id": name, "revision": record["sha256"]["unet/diffusion_pytorch_model.safetensors"][:12], "dtype": "float32", "family": family.name,
             "random_weights": False, "world": world}
     return LoadedModel(pipe, dev, torch.float32, info, family.name)

@@ -29,6 +29,10 @@ SIZE_RANGE = (0.5, 0.8)  # object extent as a fraction of the image side
 MIN_VISIBLE = 0.03  # fraction of the image each object must keep visible
 MAX_OCCLUDED = 0.25  # fraction of an object another one may cover
 PLACEMENT_TRIES = 24
+# How a scene is painted: "textured" (textured objects on muted clutter: the random-weight
+# world's, where a small head must work for it) or "plain" (flat objects on a smooth field:
+# what a small trained generator can learn to draw on a CPU; docs/cpu-world.md).
+SCENE_STYLES: dict[str, bool] = {"textured": True, "plain": False}
 MIN_SIZE_PX = 16
 
 # ---------------------------------------------------------------------------------------
@@ -152,10 +156,13 @@ def _texture(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray) -> np.nda
     return np.clip((noise - 0.5) * 2.5 + 0.5, 0, 1)
 
 
-def _paint_object(rng: np.random.Generator, hue: float, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
-    """(h, w, 3) colours of one object: two tones of ``hue`` mixed by a texture."""
+def _paint_object(rng: np.random.Generator, hue: float, xx: np.ndarray, yy: np.ndarray, textured: bool = True) -> np.ndarray:
+    """(h, w, 3) colours of one object: two tones of ``hue`` mixed by a texture, or the light
+    tone alone (the plain style)."""
     hue = hue + rng.uniform(-0.025, 0.025)
     light = _hsv(hue, rng.uniform(0.7, 1.0), rng.uniform(0.8, 1.0))
+    if not textured:
+        return np.broadcast_to(light, (*np.broadcast_shapes(xx.shape, yy.shape), 3))
     dark = _hsv(hue + rng.uniform(-0.01, 0.01), rng.uniform(0.75, 1.0), rng.uniform(0.4, 0.6))
     return light + (dark - light) * _texture(rng, xx, yy)[..., None]
 
@@ -278,23 +285,27 @@ def _occlusion_cost(masks: list[np.ndarray]) -> float:
     return cost
 
 
-def render_scene(names: list[str], rng: np.random.Generator, size: int, hues: list[float] | None = None, clutter: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def render_scene(names: list[str], rng: np.random.Generator, size: int, hues: list[float] | None = None, style: str = "textured") -> tuple[np.ndarray, np.ndarray]:
     """An RGB uint8 (size, size, 3) scene holding one object per name, and its (N, size, size)
     bool masks of visible pixels, in the order of ``names``. Each object takes its class's hue,
-    or ``hues[i]`` when given (the trained world, where colour must not identify a class)."""
+    or ``hues[i]`` when given (the trained world, where colour must not identify a class).
+    ``style`` is one of ``SCENE_STYLES``."""
+    if style not in SCENE_STYLES:
+        raise UserError(f"unknown shapes style {style!r}", f"use one of {', '.join(SCENE_STYLES)}")
+    textured = SCENE_STYLES[style]
     unknown = [n for n in names if n not in GEOMETRY]
     if unknown:
         raise UserError(f"unknown shape class(es) {', '.join(map(repr, unknown))}", f"choose from: {', '.join(SHAPE_NAMES)}")
     if size < MIN_SIZE_PX:
         raise UserError(f"shapes world size {size} px is too small", f"use at least {MIN_SIZE_PX} px")
     axis = (np.arange(size, dtype=np.float32) + 0.5) / size
-    img = _background(rng, size, clutter)
+    img = _background(rng, size, clutter=textured)
     objects = _place(rng, list(names), axis)
     if hues is None:
         hues = [class_hue(n) for n in names]
     for hue, obj in zip(hues, objects, strict=True):
         ys, xs = obj.window
-        colours = _paint_object(rng, hue, axis[None, xs], axis[ys, None])
+        colours = _paint_object(rng, hue, axis[None, xs], axis[ys, None], textured)
         region = img[obj.window]
         region[obj.local] = colours[obj.local].astype(np.uint8)
     masks = np.stack(_visible([o.full(size) for o in objects])) if objects else np.zeros((0, size, size), bool)

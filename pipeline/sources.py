@@ -129,8 +129,8 @@ def diffuse(loaded: LoadedModel, capture: FeatureCapture, prompts: list[str], se
 def shapes_world(loaded: LoadedModel, capture: FeatureCapture, prompts: list[str], names: list[list[str]], seeds: list[int], *, size: int, feature_t: int) -> Produced:
     """Render the procedural shapes world (exact masks), then one re-noised UNet pass on it.
 
-    A trained world's model draws each object in a random hue (its ``palette``), as the world
-    it learned: there, colour never names a class."""
+    A trained world's model draws each object in a random hue (its ``palette``) and paints the
+    scene in its ``style``, as the world it learned: there, colour never names a class."""
     from iosd.pipeline.shapes import render_scene
     from iosd.worlds import random_colours
 
@@ -139,7 +139,7 @@ def shapes_world(loaded: LoadedModel, capture: FeatureCapture, prompts: list[str
     for classes, seed in zip(names, seeds, strict=True):
         rng = np.random.default_rng(seed)
         hues = [h for _, h in random_colours(np.random.default_rng([seed, 7]), len(classes))] if world and world["palette"] == "random" else None
-        image, mask = render_scene(classes, rng, size, hues)
+        image, mask = render_scene(classes, rng, size, hues, world["style"] if world else "textured")
         images.append(image)
         masks.append(mask)
     batch = np.stack(images)

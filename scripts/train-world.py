@@ -38,11 +38,15 @@ from iosd.worlds import WORLDS, world_dir
 @click.option("--text", "text_mode", type=click.Choice(["joint", "clip", "frozen"]), default="joint", help="joint: text encoders trained with the UNet (the shipped world); clip: pretrained contrastively on the scenes (NegCLIP hard negatives), then frozen, as SD's CLIP (docs/cpu-world.md: measured, not better here); frozen: left at their random init, so the names stay apart")
 @click.option("--text-steps", type=int, default=1500, help="contrastive steps of the text encoders (--text clip)")
 @click.option("--unet-width", type=int, default=1, help="the UNet's channels and heads times this (1: the shipped world's, 2.6 M parameters)")
+@click.option("--style", type=click.Choice(["textured", "plain"]), default="textured", help="how scenes are painted: textured objects on clutter, or flat ones on a smooth field")
+@click.option("--vae-kl", type=float, default=1e-6, help="weight of the VAE's KL term")
+@click.option("--latent-channels", type=int, default=16, help="the VAE's latent width")
+@click.option("--schedule", type=click.Choice(["sd", "ddpm"]), default="sd", help="the denoiser's noise schedule: SD's scaled-linear betas or DDPM's linear ones (train/world.py NOISE_SCHEDULES)")
 @click.option("--save-every", type=int, default=250)
 @click.option("--threads", type=int, default=None, help="torch threads [default: torch's]")
 @click.option("--quiet", is_flag=True)
 @user_errors(kept="checkpoints are kept")
-def main(world, seed, scenes, vae_steps, unet_steps, batch_size, exclude, out, work, grounding, text_mode, text_steps, unet_width, save_every, threads, quiet):
+def main(world, seed, scenes, vae_steps, unet_steps, batch_size, exclude, out, work, grounding, text_mode, text_steps, unet_width, style, vae_kl, latent_channels, schedule, save_every, threads, quiet):
     import torch
 
     from iosd.train.world import WorldConfig, train_world
@@ -51,7 +55,7 @@ def main(world, seed, scenes, vae_steps, unet_steps, batch_size, exclude, out, w
         torch.set_num_threads(threads)
     cfg = WorldConfig(world=world, seed=seed, scenes=scenes, vae_steps=vae_steps, unet_steps=unet_steps, batch_size=batch_size,
                       exclude=[c.strip() for c in exclude.split(",") if c.strip()], save_every=save_every, grounding=grounding,
-                      text=text_mode, text_steps=text_steps, unet_width=unet_width)
+                      text=text_mode, text_steps=text_steps, unet_width=unet_width, style=style, vae_kl=vae_kl, latent_channels=latent_channels, schedule=schedule)
     out = out or world_dir(world)
     work = work or Path("runs/train-world") / f"{out.name}-seed{seed}"
     started = time.perf_counter()

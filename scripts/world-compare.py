@@ -21,6 +21,11 @@ Arms (docs/cpu-world.md):
                 of exact masks, no filter: a real detector's mistakes
   teacher-0.8   the same through IOSD's 0.8 confidence filter (--min-score 0.8)
   teacher-top   the same with the top instance per class (--gt top, IOSD's) instead of the union
+  diffusion     the papers' own path: images the world generates (--source diffusion, 25 steps,
+                guidance 4), labelled by the trained world teacher, no filter; features from
+                the re-noised pass (t = 50) as for rendered scenes; scored on `head`'s exact-mask
+                test sets (run `head` first)
+  diffusion-0.8 the same through IOSD's 0.8 confidence filter (`fast`'s --min-score)
 """
 
 from __future__ import annotations
@@ -37,8 +42,11 @@ import click
 
 from iosd.errors import UserError, user_errors
 
-BASE_GEN = ["--source", "shapes", "--classes", "shapes", "--split", "1", "--recipe", "fast", "--shard-size", "100", "--batch-size", "16"]
+BASE_GEN = ["--classes", "shapes", "--split", "1", "--recipe", "fast", "--shard-size", "100", "--batch-size", "16"]
 TEACHER_LABELS = ["--labels", "teacher", "--teacher-config", "world-maskrcnn"]  # the shipped CPU-world Mask R-CNN
+SHAPES = ["--source", "shapes"]
+# the world's samples as the papers make them: a sampler the world was trained for (not Turbo's one step)
+DIFFUSION = ["--source", "diffusion", "--model", "world-sdxl", "--objects", "mix", "--steps", "25", "--guidance", "4", "--feature-t", "50", "--teacher-config", "world-maskrcnn"]
 ARMS: dict[str, dict] = {
     "head": {"gen": ["--model", "world-sdxl", "--objects", "mix"]},
     "objects-1": {"gen": ["--model", "world-sdxl", "--objects", "1"]},
@@ -49,6 +57,8 @@ ARMS: dict[str, dict] = {
     "teacher": {"gen": ["--model", "world-sdxl", "--objects", "mix", *TEACHER_LABELS, "--min-score", "0"]},
     "teacher-0.8": {"gen": ["--model", "world-sdxl", "--objects", "mix", *TEACHER_LABELS, "--min-score", "0.8"]},
     "teacher-top": {"gen": ["--model", "world-sdxl", "--objects", "mix", *TEACHER_LABELS, "--min-score", "0.8", "--gt", "top"]},
+    "diffusion": {"gen": [*DIFFUSION, "--min-score", "0"], "source": "diffusion", "test": "head"},
+    "diffusion-0.8": {"gen": [*DIFFUSION, "--min-score", "0.8"], "source": "diffusion", "test": "head"},
 }
 GROUPS = ("seen+seen", "seen+unseen", "unseen+unseen")
 
@@ -112,10 +122,17 @@ def main(arms: str, seeds: str, samples: int, steps: int, images_per_class: int,
             if not (Path(blind_worlds) / "world-sdxl" / "world.json").exists():
                 raise UserError(f"the blind world is missing under {blind_worlds}", f"python scripts/train-world.py --world world-sdxl --exclude star,heart,hexagon --out {blind_worlds}/world-sdxl")
             env["IOSD_WORLDS_DIR"] = str(Path(blind_worlds).resolve())
+        tests = {}
+        if spec.get("test"):  # exact-mask test sets another arm built
+            tests = {o: out / "shards" / f"{spec['test']}-test{'' if o == '1' else o}" for o in ("1", "2")}
+            missing = [str(t) for t in tests.values() if not (t / "dataset.json").exists()]
+            if missing:
+                raise UserError(f"arm {arm} is scored on arm {spec['test']}'s exact-mask test sets, missing: {', '.join(missing)}", f"run --arms {spec['test']},{arm} (in that order) with the same --out")
         log = out / f"{arm}.log"
         shards = out / "shards" / arm
         started = time.perf_counter()
-        _run([str(bin_dir / "iosd-gen"), *BASE_GEN, *spec["gen"], *gen_args.split(), "--num-samples", str(samples), "--out", str(shards), "--quiet"], env, log)
+        source = [] if spec.get("source") else SHAPES
+        _run([str(bin_dir / "iosd-gen"), *BASE_GEN, *source, *spec["gen"], *gen_args.split(), "--num-samples", str(samples), "--out", str(shards), "--quiet"], env, log)
         per_seed = []
         for seed in seed_list:
             run = out / "runs" / f"{arm}-seed{seed}"
@@ -123,7 +140,7 @@ def main(arms: str, seeds: str, samples: int, steps: int, images_per_class: int,
             scores = {}
             for objects in ("1", "2"):
                 report = out / "reports" / f"{arm}-seed{seed}-objects{objects}"
-                _run([str(bin_dir / "iosd-eval"), "--checkpoint", str(run), "--objects", objects, "--images-per-class", str(images_per_class), "--report", str(report), "--quiet"], env, log)
+                _run([str(bin_dir / "iosd-eval"), "--checkpoint", str(run), "--objects", objects, "--images-per-class", str(images_per_class), "--report", str(report), "--quiet", *(["--test-shards", str(tests[objects])] if tests else [])], env, log)
                 scores.update({(f"{k}" if objects == "2" else f"one/{k}"): v for k, v in _scores(report).items()})
             per_seed.append(scores)
         keys = sorted(set().union(*per_seed))

@@ -73,7 +73,7 @@ def main(model: str, out: str, steps: int, guidance: float, seed: int, pairs: in
         from iosd.evaluate.teacher_ap import predict_instances
 
         reads = teacher_reads(predict_instances(reader, tiles[: len(prompted)]), reader.names, prompted)
-        rendered = rendered_one_object(names, per_class, seed, side)
+        rendered = rendered_one_object(names, per_class, seed, side, loaded.info.get("world", {}).get("style", "textured"))
         ceiling = summarise_reads(teacher_reads(predict_instances(reader, [im for im, _ in rendered]), reader.names, [n for _, n in rendered]))
         generated = summarise_reads(reads)
         for i, r in enumerate(reads):

@@ -59,6 +59,55 @@ def test_a_world_model_draws_the_shapes_source_in_random_hues():
     assert len(seen) >= 4
 
 
+def _colours_per_object(image: np.ndarray, masks: np.ndarray) -> list[int]:
+    return [len(np.unique(image[m.astype(bool)].reshape(-1, 3), axis=0)) for m in masks if m.any()]
+
+
+def test_the_plain_style_paints_each_object_in_one_colour():
+    """The style a small generator can learn to draw: flat objects, no clutter; the textured
+    style keeps its two-tone textures."""
+    from iosd.pipeline.shapes import render_scene
+
+    for seed in range(6):
+        image, masks = render_scene(["star", "ring"], np.random.default_rng(seed), 64, [0.0, 0.5], style="plain")
+        assert _colours_per_object(image, masks) == [1, 1]
+        image, masks = render_scene(["star", "ring"], np.random.default_rng(seed), 64, [0.0, 0.5])
+        assert min(_colours_per_object(image, masks)) > 1
+    with pytest.raises(UserError, match="unknown shapes style 'flat'"):
+        render_scene(["star"], np.random.default_rng(0), 64, style="flat")
+
+
+def test_world_settings_are_refused_in_one_line_before_any_work():
+    from iosd.train.world import WorldConfig
+
+    for bad, message in ((dict(style="flat"), "unknown --style"), (dict(vae_kl=-1), "--vae-kl -1"), (dict(schedule="cosine"), "unknown --schedule"),
+                         (dict(latent_channels=0), "--latent-channels 0")):
+        with pytest.raises(UserError, match=message):
+            WorldConfig(**bad)
+
+
+def test_a_world_keeps_its_style_schedule_and_latent_width(tmp_path, monkeypatch):
+    """--style plain --schedule ddpm --latent-channels 4 end to end: the record says so, the
+    loaded pipeline samples under that schedule with a 4-channel latent, and ``--source shapes``
+    on that world renders flat objects (the scenes its generator learned)."""
+    from conftest import make_shapes_set
+
+    from iosd.pipeline.models import load_model
+    from iosd.schema import iter_tar_samples
+    from iosd.train.world import WorldConfig, train_world
+
+    record = train_world(WorldConfig(**MICRO, style="plain", vae_kl=1e-4, schedule="ddpm", latent_channels=4), tmp_path / "world-sdxl", tmp_path / "work", show=False, log=lambda m: None)
+    assert record["style"] == "plain" and record["config"]["vae_kl"] == 1e-4 and record["config"]["schedule"] == "ddpm"
+    monkeypatch.setattr(worlds, "WORLDS_DIR", tmp_path)
+    loaded = load_model("world-sdxl", device="cpu")
+    assert loaded.info["world"]["style"] == "plain"
+    assert loaded.pipe.scheduler.config.beta_schedule == "linear" and float(loaded.pipe.scheduler.alphas_cumprod[-1]) < 1e-4
+    assert loaded.pipe.unet.config.in_channels == loaded.pipe.vae.config.latent_channels == 4
+    make_shapes_set(tmp_path / "set", recipe="fast", model="world-sdxl", resolution=64, num_samples=4, shard_size=4)
+    samples = list(iter_tar_samples(str(next((tmp_path / "set").glob("shard-*.tar"))), features=False))
+    assert len(samples) == 4 and all(_colours_per_object(s.image, s.masks) == [1] * len(s.masks) for s in samples)
+
+
 MICRO = dict(scenes=24, vae_steps=4, unet_steps=4, batch_size=4, save_every=2, warmup=2)
 
 
@@ -315,3 +364,16 @@ def test_frozen_text_and_a_wider_unet_train_end_to_end(tmp_path):
     key = next(k for k in shipped if k.endswith("final_layer_norm.weight"))
     assert torch.equal(shipped[key], initial[key].half())
     assert json.loads((out / "unet" / "config.json").read_text())["block_out_channels"] == [64, 128, 128]
+
+
+def test_world_compare_refuses_arms_it_cannot_score_before_any_work(tmp_path):
+    """The diffusion arms are scored on the head arm's exact-mask test sets: asked for alone,
+    world-compare says which arm to run first, in one line, and generates nothing."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    for arms, message in (("diffusion", "run --arms head,diffusion"), ("no-such-arm", "unknown arm(s) no-such-arm")):
+        done = subprocess.run([sys.executable, str(root / "scripts/world-compare.py"), "--arms", arms, "--out", str(tmp_path / "compare")], cwd=root, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
+        assert not (tmp_path / "compare" / "shards").exists()

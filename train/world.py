@@ -55,6 +55,15 @@ LATENT_DOWN = 4  # the world VAE's pixels per latent cell
 VAE_CROP = 32  # the VAE trains on crops: convolutional, it learns the same code at a quarter of the cost
 WORLD_VAE = {"block_out_channels": [16, 32, 64], "norm_num_groups": 8}
 EMA_DECAY = 0.999
+# The noise schedule the world's denoiser trains under and its sampler uses (beta settings of the
+# diffusers scheduler). SD's scaled-linear schedule ends at SNR 0.0047 per latent value; a world
+# latent (16x16x16, much of it redundant) keeps its objects readable there (measured: the x0
+# prediction at t = 800 still shows the shape), so training never starts from "no image" while
+# sampling does, and the samples are blobs. DDPM's linear schedule (Ho et al. 2020) ends at 4e-5.
+NOISE_SCHEDULES: dict[str, dict] = {
+    "sd": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+    "ddpm": {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
+}
 TEXT_MODES = ("clip", "joint", "frozen")
 
 
@@ -79,11 +88,25 @@ class WorldConfig:
     text_batch: int = 128
     text_lr: float = 1e-3
     unet_width: int = 1  # the family's tiny UNet with every channel and head count times this
+    style: str = "textured"  # how the scenes are painted (pipeline/shapes.py SCENE_STYLES)
+    vae_kl: float = 1e-6  # weight of the VAE's KL term: larger gives smoother latents to model
+    latent_channels: int = 16  # the VAE's latent width (SDXL's is 4; the random tiny VAE's 16)
+    schedule: str = "sd"  # the denoiser's noise schedule (NOISE_SCHEDULES)
 
     def __post_init__(self) -> None:
         if self.text not in TEXT_MODES:
             raise UserError(f"unknown --text {self.text!r}", f"use one of {', '.join(TEXT_MODES)}")
         check_unet_width(self.unet_width)
+        from iosd.pipeline.shapes import SCENE_STYLES
+
+        if self.style not in SCENE_STYLES:
+            raise UserError(f"unknown --style {self.style!r}", f"use one of {', '.join(SCENE_STYLES)}")
+        if self.schedule not in NOISE_SCHEDULES:
+            raise UserError(f"unknown --schedule {self.schedule!r}", f"use one of {', '.join(NOISE_SCHEDULES)}")
+        if self.latent_channels < 1:
+            raise UserError(f"--latent-channels {self.latent_channels} is not positive", "pass 4 (SDXL's) or 16 (the tiny VAE's)")
+        if self.vae_kl < 0:
+            raise UserError(f"--vae-kl {self.vae_kl} is negative", "pass 0 or a positive weight such as 1e-6")
 
     @property
     def family(self) -> str:
@@ -113,22 +136,22 @@ def caption_templates() -> list[tuple[str, str]]:
     return pairs + list(EXTRA_TEMPLATES)
 
 
-def draw_objects(rng: np.random.Generator, classes: list[str], side: int = WORLD_SIDE) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
-    """The world's scenes, uncaptioned: one or two objects of any of ``classes`` in random hues;
-    image, masks, names and colour words. The world generator's scenes and its teacher's
-    (train/world_teacher.py) are both drawn here, so the two see the same world."""
+def draw_objects(rng: np.random.Generator, classes: list[str], side: int = WORLD_SIDE, style: str = "textured") -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """The world's scenes, uncaptioned: one or two objects of any of ``classes`` in random hues,
+    painted in ``style``; image, masks, names and colour words. The world generator's scenes and
+    its teacher's (train/world_teacher.py) are both drawn here, so the two see the same world."""
     from iosd.pipeline.shapes import render_scene
 
     count = 1 if rng.random() < 0.5 else 2
     names = [str(n) for n in rng.choice(classes, size=count, replace=False)]
     colours, hues = zip(*random_colours(rng, count), strict=True)
-    image, masks = render_scene(names, rng, side, list(hues))
+    image, masks = render_scene(names, rng, side, list(hues), style)
     return image, masks, names, list(colours)
 
 
-def sample_scene(rng: np.random.Generator, classes: list[str], templates: list[tuple[str, str]], side: int = WORLD_SIDE) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
+def sample_scene(rng: np.random.Generator, classes: list[str], templates: list[tuple[str, str]], side: int = WORLD_SIDE, style: str = "textured") -> tuple[np.ndarray, np.ndarray, str, list[str]]:
     """One training scene: image, masks, caption and the classes it shows."""
-    image, masks, names, colours = draw_objects(rng, classes, side)
+    image, masks, names, colours = draw_objects(rng, classes, side, style)
     count = len(names)
     descriptions = []
     centres = [np.argwhere(m)[:, 1].mean() if m.any() else side / 2 for m in masks]
@@ -166,7 +189,7 @@ def build_scenes(cfg: WorldConfig) -> Scenes:
     captions, names, masks = [], [], []
     cell = WORLD_SIDE // LATENT_DOWN
     for i in range(cfg.scenes):
-        image, scene_masks, caption, scene_names = sample_scene(rng, classes, templates)
+        image, scene_masks, caption, scene_names = sample_scene(rng, classes, templates, style=cfg.style)
         images[i] = image
         kept = rng.random() >= UNCONDITIONAL_RATE
         captions.append(caption if kept else "")
@@ -184,30 +207,32 @@ def check_unet_width(width: int) -> None:
         raise UserError(f"--unet-width {width} is not a positive multiple", "pass 1 (the shipped world's UNet), 2, ...")
 
 
-def unet_config(family: str, width: int = 1) -> dict:
-    """The world UNet: the family's tiny layout at the world's latent side, its channels and
-    heads times ``width`` (the head size stays; 1 is the shipped world's)."""
+def unet_config(family: str, width: int = 1, latent_channels: int = 16) -> dict:
+    """The world UNet: the family's tiny layout at the world's latent side and ``latent_channels``
+    in and out, its channels and heads times ``width`` (the head size stays; 1 is the shipped world's)."""
     from iosd.pipeline.tiny import TINY_SD1_UNET_CONFIG, TINY_UNET_CONFIG
 
     check_unet_width(width)
     base = TINY_UNET_CONFIG if family == "sdxl" else TINY_SD1_UNET_CONFIG
     heads = base["attention_head_dim"]
-    return {**base, "sample_size": WORLD_SIDE // LATENT_DOWN, "block_out_channels": [c * width for c in base["block_out_channels"]],
+    return {**base, "sample_size": WORLD_SIDE // LATENT_DOWN, "in_channels": latent_channels, "out_channels": latent_channels, "block_out_channels": [c * width for c in base["block_out_channels"]],
             "attention_head_dim": [h * width for h in heads] if isinstance(heads, list) else heads * width}
 
 
-def base_pipeline(family: str, seed: int, unet_width: int = 1):
-    """The family's embedded pipeline with a fresh VAE and UNet sized for the world."""
+def base_pipeline(family: str, seed: int, unet_width: int = 1, latent_channels: int = 16, schedule: str = "sd"):
+    """The family's embedded pipeline with a fresh VAE and UNet sized for the world, and its
+    scheduler under the world's noise schedule."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from iosd.pipeline.tiny import TINY_VAE_CONFIG, tiny_pipeline, tiny_sd1_pipeline
 
     pipe = (tiny_pipeline if family == "sdxl" else tiny_sd1_pipeline)(seed)
     torch.manual_seed(seed + 10)
-    pipe.vae = AutoencoderKL(**{**TINY_VAE_CONFIG, **WORLD_VAE, "sample_size": WORLD_SIDE})
+    pipe.vae = AutoencoderKL(**{**TINY_VAE_CONFIG, **WORLD_VAE, "sample_size": WORLD_SIDE, "latent_channels": latent_channels})
     torch.manual_seed(seed + 11)
-    pipe.unet = UNet2DConditionModel(**unet_config(family, unet_width))
-    pipe.register_modules(vae=pipe.vae, unet=pipe.unet)
+    pipe.unet = UNet2DConditionModel(**unet_config(family, unet_width, latent_channels))
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **NOISE_SCHEDULES[schedule])
+    pipe.register_modules(vae=pipe.vae, unet=pipe.unet, scheduler=pipe.scheduler)
     return pipe
 
 
@@ -302,7 +327,7 @@ def train_vae(vae, images: np.ndarray, cfg: WorldConfig, work: Path, show: bool)
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
         recon = vae.decode(z).sample
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + cfg.vae_kl * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -500,7 +525,7 @@ def train_world(cfg: WorldConfig, out: Path, work: Path, show: bool = True, log=
     if identity.exists() and json.loads(identity.read_text()) != asdict(cfg):
         raise UserError(f"{work} holds a run with other settings", "pass --work elsewhere or remove it to start over")
     write_bytes_atomic(identity, json.dumps(asdict(cfg), indent=2).encode())
-    pipe = base_pipeline(family.name, cfg.seed, cfg.unet_width)
+    pipe = base_pipeline(family.name, cfg.seed, cfg.unet_width, cfg.latent_channels, cfg.schedule)
     log(f"scenes: {cfg.scenes} at {WORLD_SIDE} px, classes {', '.join(world_classes(cfg.exclude))}")
     scenes = build_scenes(cfg)
     vae_summary = train_vae(pipe.vae, scenes.images, cfg, work, show)
@@ -526,6 +551,7 @@ def train_world(cfg: WorldConfig, out: Path, work: Path, show: bool = True, log=
         "config": asdict(cfg),
         "side": WORLD_SIDE,
         "palette": "random",
+        "style": cfg.style,
         "classes": world_classes(cfg.exclude),
         "vae": vae_summary,
         "text": text_summary,
