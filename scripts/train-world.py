@@ -41,7 +41,7 @@ from iosd.worlds import WORLDS, world_dir
 @click.option("--style", type=click.Choice(["textured", "plain"]), default="textured", help="how scenes are painted: textured objects on clutter, or flat ones on a smooth field")
 @click.option("--vae-kl", type=float, default=1e-6, help="weight of the VAE's KL term")
 @click.option("--latent-channels", type=int, default=16, help="the VAE's latent width")
-@click.option("--schedule", type=click.Choice(["sd", "ddpm"]), default="sd", help="the denoiser's noise schedule: SD's scaled-linear betas or DDPM's linear ones (train/world.py NOISE_SCHEDULES)")
+@click.option("--schedule", type=click.Choice(["sd", "ddpm", "zero-snr"]), default="sd", help="the denoiser's noise schedule: SD's scaled-linear betas, DDPM's linear ones, or SD's rescaled to zero terminal SNR with v-prediction (train/world.py NOISE_SCHEDULES)")
 @click.option("--save-every", type=int, default=250)
 @click.option("--threads", type=int, default=None, help="torch threads [default: torch's]")
 @click.option("--quiet", is_flag=True)

@@ -59,10 +59,13 @@ EMA_DECAY = 0.999
 # diffusers scheduler). SD's scaled-linear schedule ends at SNR 0.0047 per latent value; a world
 # latent (16x16x16, much of it redundant) keeps its objects readable there (measured: the x0
 # prediction at t = 800 still shows the shape), so training never starts from "no image" while
-# sampling does, and the samples are blobs. DDPM's linear schedule (Ho et al. 2020) ends at 4e-5.
+# sampling does, and the samples are blobs. DDPM's linear schedule (Ho et al. 2020) ends at 4e-5;
+# "zero-snr" is SD's betas rescaled to end at SNR 0 with v-prediction, as Lin et al. (WACV 2024)
+# fix SD itself (epsilon is undefined at SNR 0).
 NOISE_SCHEDULES: dict[str, dict] = {
-    "sd": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
-    "ddpm": {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
+    "sd": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon", "rescale_betas_zero_snr": False},
+    "ddpm": {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "prediction_type": "epsilon", "rescale_betas_zero_snr": False},
+    "zero-snr": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True},
 }
 TEXT_MODES = ("clip", "joint", "frozen")
 
@@ -430,7 +433,9 @@ def train_denoiser(pipe, family, latents: torch.Tensor, scenes: Scenes, cfg: Wor
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
     alphas = pipe.scheduler.alphas_cumprod.float()
     snr = alphas / (1 - alphas)
-    weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
+    v_prediction = pipe.scheduler.config.prediction_type == "v_prediction"
+    # min-SNR-gamma (Hang et al. 2023) in the target's own terms: epsilon / SNR, v / (SNR + 1)
+    weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / (snr + 1 if v_prediction else snr)
     spans = name_spans(pipe.tokenizer, scenes) if cfg.grounding else None
     token_losses: list[float] = []
 
@@ -448,7 +453,8 @@ def train_denoiser(pipe, family, latents: torch.Tensor, scenes: Scenes, cfg: Wor
         with frozen_text:
             cond = conditioning(pipe, family, [captions[i] for i in index])
         pred = pipe.unet(noisy, t, **cond).sample
-        loss = (weight[t] * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0 if v_prediction else noise
+        loss = (weight[t] * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
         if store is not None:
             grounded = grounding.token_loss(store, [spans[i] for i in index], [torch.from_numpy(scenes.masks[i]).float() for i in index])
             token_losses.append(float(grounded.detach()))
