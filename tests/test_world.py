@@ -87,8 +87,9 @@ def test_world_settings_are_refused_in_one_line_before_any_work():
 
 
 def test_a_world_keeps_its_style_schedule_and_latent_width(tmp_path, monkeypatch):
-    """--style plain --schedule ddpm --latent-channels 4 end to end: the record says so, the
-    loaded pipeline samples under that schedule with a 4-channel latent, and ``--source shapes``
+    """--style plain --schedule zero-snr --latent-channels 4 end to end: the record says so, the
+    loaded pipeline samples under that schedule (v-prediction, SNR 0 at the last timestep) with a
+    4-channel latent, and ``--source shapes``
     on that world renders flat objects (the scenes its generator learned)."""
     from conftest import make_shapes_set
 
@@ -96,12 +97,13 @@ def test_a_world_keeps_its_style_schedule_and_latent_width(tmp_path, monkeypatch
     from iosd.schema import iter_tar_samples
     from iosd.train.world import WorldConfig, train_world
 
-    record = train_world(WorldConfig(**MICRO, style="plain", vae_kl=1e-4, schedule="ddpm", latent_channels=4), tmp_path / "world-sdxl", tmp_path / "work", show=False, log=lambda m: None)
-    assert record["style"] == "plain" and record["config"]["vae_kl"] == 1e-4 and record["config"]["schedule"] == "ddpm"
+    record = train_world(WorldConfig(**MICRO, style="plain", vae_kl=1e-4, schedule="zero-snr", latent_channels=4), tmp_path / "world-sdxl", tmp_path / "work", show=False, log=lambda m: None)
+    assert record["style"] == "plain" and record["config"]["vae_kl"] == 1e-4 and record["config"]["schedule"] == "zero-snr"
     monkeypatch.setattr(worlds, "WORLDS_DIR", tmp_path)
     loaded = load_model("world-sdxl", device="cpu")
     assert loaded.info["world"]["style"] == "plain"
-    assert loaded.pipe.scheduler.config.beta_schedule == "linear" and float(loaded.pipe.scheduler.alphas_cumprod[-1]) < 1e-4
+    scheduler = loaded.pipe.scheduler
+    assert scheduler.config.prediction_type == "v_prediction" and float(scheduler.alphas_cumprod[-1]) < 1e-6
     assert loaded.pipe.unet.config.in_channels == loaded.pipe.vae.config.latent_channels == 4
     make_shapes_set(tmp_path / "set", recipe="fast", model="world-sdxl", resolution=64, num_samples=4, shard_size=4)
     samples = list(iter_tar_samples(str(next((tmp_path / "set").glob("shard-*.tar"))), features=False))
@@ -377,3 +379,23 @@ def test_world_compare_refuses_arms_it_cannot_score_before_any_work(tmp_path):
         done = subprocess.run([sys.executable, str(root / "scripts/world-compare.py"), "--arms", arms, "--out", str(tmp_path / "compare")], cwd=root, capture_output=True, text=True, timeout=300)
         assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
         assert not (tmp_path / "compare" / "shards").exists()
+
+
+def test_world_x0_reads_how_much_of_a_scene_each_timestep_leaves(micro_world, tmp_path):
+    """scripts/world-x0.py on a trained world: per timestep, the SNR and how well the denoiser's
+    prediction of the clean latent correlates with the scene (less noise reads more of it), as
+    JSON and a grid; a timestep outside the schedule is refused in one line, nothing written."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "IOSD_WORLDS_DIR": str(micro_world[0].parent)}
+    out = tmp_path / "x0.png"
+    done = subprocess.run([sys.executable, str(root / "scripts/world-x0.py"), "--scenes", "4", "--timesteps", "50,999", "--out", str(out)], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    steps = json.loads(done.stdout)["timesteps"]
+    assert steps["50"]["snr"] > steps["999"]["snr"] and steps["50"]["x0_correlation"] > steps["999"]["x0_correlation"], steps
+    assert out.stat().st_size > 0
+    bad = subprocess.run([sys.executable, str(root / "scripts/world-x0.py"), "--timesteps", "1000", "--out", str(tmp_path / "x.png")], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "outside 0..999" in bad.stderr and not (tmp_path / "x.png").exists(), bad.stderr

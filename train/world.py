@@ -56,12 +56,11 @@ VAE_CROP = 32  # the VAE trains on crops: convolutional, it learns the same code
 WORLD_VAE = {"block_out_channels": [16, 32, 64], "norm_num_groups": 8}
 EMA_DECAY = 0.999
 # The noise schedule the world's denoiser trains under and its sampler uses (beta settings of the
-# diffusers scheduler). SD's scaled-linear schedule ends at SNR 0.0047 per latent value; a world
-# latent (16x16x16, much of it redundant) keeps its objects readable there (measured: the x0
-# prediction at t = 800 still shows the shape), so training never starts from "no image" while
-# sampling does, and the samples are blobs. DDPM's linear schedule (Ho et al. 2020) ends at 4e-5;
-# "zero-snr" is SD's betas rescaled to end at SNR 0 with v-prediction, as Lin et al. (WACV 2024)
-# fix SD itself (epsilon is undefined at SNR 0).
+# diffusers scheduler). SD's scaled-linear schedule ends at SNR 0.0047, not 0, so training never
+# starts from "no image" while sampling does; DDPM's linear schedule (Ho et al. 2020) ends at
+# 4e-5; "zero-snr" is SD's betas rescaled to end at SNR 0 with v-prediction, as Lin et al.
+# (WACV 2024) fix SD itself (epsilon is undefined at SNR 0). Measured on the world
+# (docs/cpu-world.md): neither made the world draw the shapes; "sd" stays the default.
 NOISE_SCHEDULES: dict[str, dict] = {
     "sd": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon", "rescale_betas_zero_snr": False},
     "ddpm": {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "prediction_type": "epsilon", "rescale_betas_zero_snr": False},
