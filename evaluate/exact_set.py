@@ -30,9 +30,11 @@ from iosd.pipeline.export import (
     write_semantic_sample,
 )
 from iosd.pipeline.shapes import render_scene
+from iosd.worlds import random_colours
 
 EXACT_TAG = 0x6578616374  # "exact": this writer's own random stream, apart from iosd-gen's
 STREAM_OF_SPLIT = {"train": 0, "val": 1, "test": 2}
+PALETTES = ("class", "random")  # a hue per class (random tiny models), or random hues (trained worlds)
 
 
 def semantic_class_list(root: str | Path) -> list[str]:
@@ -64,15 +66,21 @@ def scene_classes(classes: list[str], index: int, objects: int, rng: np.random.G
     return [names[i] for i in rng.permutation(len(names))]
 
 
-def write_exact_set(root: str | Path, classes: list[str], images_per_class: int, *, size: int = 128, objects: int = 1, seed: int = 0, split: str = DEFAULT_SPLIT, progress=None) -> int:
+def write_exact_set(root: str | Path, classes: list[str], images_per_class: int, *, size: int = 128, objects: int = 1, seed: int = 0, split: str = DEFAULT_SPLIT,
+                    palette: str = "class", style: str = "textured", progress=None) -> int:
     """Render ``images_per_class * len(classes)`` shapes scenes with their exact label maps.
 
+    ``palette`` "class" paints each class its own hue (the random tiny models' world); "random"
+    draws every object's hue at random and ``style`` paints as a trained world does, so images
+    look like the ones a world's head labels (there colour must not give a class away).
     Returns the number of scenes written now (existing ones are kept: reruns resume). The
     class list is written first and must match on a rerun."""
     if images_per_class <= 0 or objects <= 0:
         raise UserError(f"need positive images per class and objects (got {images_per_class}, {objects})", "pass numbers > 0")
     if split not in STREAM_OF_SPLIT:
         raise UserError(f"unknown split {split!r}", f"use one of {', '.join(STREAM_OF_SPLIT)}")
+    if palette not in PALETTES:
+        raise UserError(f"unknown palette {palette!r}", f"use one of {', '.join(PALETTES)}")
     root = Path(root)
     if (root / SEMANTIC_CLASSES).exists() and semantic_class_list(root)[1:] != list(classes):
         raise UserError(f"{root} holds a set of other classes", "choose another output directory or remove it")
@@ -86,7 +94,8 @@ def write_exact_set(root: str | Path, classes: list[str], images_per_class: int,
         if not semantic_label_path(root, split, key).exists():
             rng = np.random.default_rng([seed, EXACT_TAG, STREAM_OF_SPLIT[split], index])
             names = scene_classes(list(classes), index, objects, rng)
-            image, masks = render_scene(names, rng, size)
+            hues = [h for _, h in random_colours(rng, len(names))] if palette == "random" else None
+            image, masks = render_scene(names, rng, size, hues, style)
             write_semantic_sample(root, split, key, image, label_map(masks, [ids[n] for n in names]))
             written += 1
         if progress is not None:

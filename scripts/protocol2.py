@@ -1,6 +1,7 @@
 """GD's Protocol II on the CPU world: does a dataset labelled by the head train a real segmenter?
 
-1. ``iosd-gen``: shapes-world shards of the split's SEEN classes (tiny random-weight SDXL).
+1. ``iosd-gen``: shapes-world shards of the split's SEEN classes, features from ``--model``
+   (the trained world ``world-sdxl`` by default; ``tiny`` is the random-weight SDXL).
 2. ``iosd-train``: the grounding head on them (recipe ``fast``).
 3. ``iosd-synth``: a semantic dataset of the UNSEEN classes, masks from that head (no teacher).
 4. A standard MMSeg segmenter (``iosd.evaluate.segmenter``) trained on it, and the same
@@ -8,9 +9,11 @@
 5. Both scored on exact-mask shapes images of the unseen classes that no diffusion model
    touched: ``protocol2.json``, ``protocol2.md`` (the table) and ``protocol2.png`` (overlays).
 
-Every step resumes: rerunning the same command skips what is done. With random weights the
-head's features know nothing about unseen classes, so the synth row shows what the machinery
-carries, not what the real SDXL-Turbo system would reach (docs/cpu-world.md).
+Every step resumes: rerunning the same command skips what is done. Exact-mask images are
+painted as the model's world paints (a trained world: random hues, its style), so both rows
+learn from and are scored on the same kind of image. With ``--model tiny`` the head's features
+know nothing about unseen classes; the trained world is what shows the method in miniature, not
+what the real SDXL-Turbo system would reach (docs/cpu-world.md).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from iosd.export_layout import DEFAULT_SPLIT
 from iosd.manifest import write_json_atomic, write_text_atomic
 from iosd.pipeline.export import read_semantic_sample, semantic_keys
 from iosd.viz import grid, overlay, save_png_atomic
+from iosd.worlds import WORLDS, verify_world
 
 TEST_SPLIT = "val"  # MMSeg's name for the split a model is scored on
 EXAMPLES = 6
@@ -76,14 +80,23 @@ def progress_bar() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console)
 
 
-def exact_set(root: Path, classes: list[str], images: int, *, size: int, objects: int, seed: int, split: str, title: str) -> None:
+def world_look(model: str) -> tuple[str, str]:
+    """(palette, style) of the scenes ``model``'s head learns from: a trained world's record
+    (checked against its files), or the tiny models' hue per class on textured scenes."""
+    if model in WORLDS:
+        record = verify_world(model)
+        return record["palette"], record.get("style", "textured")
+    return "class", "textured"
+
+
+def exact_set(root: Path, classes: list[str], images: int, *, size: int, objects: int, seed: int, split: str, title: str, look: tuple[str, str]) -> None:
     """Exact-mask shapes images, ``images`` in all (classes cycled), resumable."""
     per_class = -(-images // len(classes))
     if label_count(root, split) > per_class * len(classes):
         raise UserError(f"{root} holds more images than this run asks for", "remove it or pass the settings it was made with")
     with progress_bar() as bar:
         task = bar.add_task(title, total=per_class * len(classes), note="")
-        write_exact_set(root, classes, per_class, size=size, objects=objects, seed=seed, split=split, progress=lambda done, total: bar.update(task, completed=done))
+        write_exact_set(root, classes, per_class, size=size, objects=objects, seed=seed, split=split, palette=look[0], style=look[1], progress=lambda done, total: bar.update(task, completed=done))
 
 
 def train(root: Path, config: SegmenterConfig, title: str):
@@ -133,8 +146,7 @@ def markdown(report: dict) -> str:
     ratio = report.get("synth_over_exact")
     lines += ["", f"Synth / exact mIoU: {ratio:.2f}." if ratio is not None else "", "", f"Command: `{report['command']}`", ""]
     lines += [
-        "The head saw only the seen classes; its features come from a tiny random-weight SDXL",
-        "(`--model tiny`) on shapes-world images. "
+        f"The head saw only the seen classes; its features come from `{report['model']}` on shapes-world images. "
         + ("With one object per image a synth mask's class is the prompt's and its extent the head's (`--objects 2` makes the head tell unseen classes apart)." if report["objects_per_image"] == 1 else "With two unseen objects per image the head must tell unseen classes apart."),
         "This is the CPU world: it shows the machinery end to end, not what the real SDXL-Turbo",
         "system reaches on real images.",
@@ -145,6 +157,7 @@ def markdown(report: dict) -> str:
 
 @click.command(context_settings={"show_default": True})
 @click.option("--out", default="runs/protocol2", help="working and report directory (reruns resume in it)")
+@click.option("--model", default="world-sdxl", help="the generator whose features the head learns from: a trained world, or tiny (random weights)")
 @click.option("--split", default=1, help="shapes class split: its seen classes train the head, its unseen ones are synthesised")
 @click.option("--train-samples", default=300, help="seen-class shard samples for the head")
 @click.option("--head-steps", default=300, help="iosd-train steps")
@@ -156,15 +169,16 @@ def markdown(report: dict) -> str:
 @click.option("--seed", default=0)
 @click.option("--synth-arg", "synth_args", multiple=True, help="extra argument passed to iosd-synth (repeatable)")
 @user_errors
-def main(out: str, split: int, train_samples: int, head_steps: int, images_per_class: int, test_images_per_class: int, objects: int, architecture: str, seg_steps: int, seed: int, synth_args: tuple[str, ...]) -> None:
+def main(out: str, model: str, split: int, train_samples: int, head_steps: int, images_per_class: int, test_images_per_class: int, objects: int, architecture: str, seg_steps: int, seed: int, synth_args: tuple[str, ...]) -> None:
     """Train a head on seen shapes, synthesise the unseen ones, train and score a segmenter."""
     started = time.perf_counter()
     synth = require_synth()
+    look = world_look(model)
     root = Path(out)
     classes = load_split("shapes", split)
     unseen = list(classes.unseen)
     shards, head, synth_dir = root / "shards-seen", root / "head", root / f"synth-{objects}obj"
-    run_step("1/5 seen-class shards (shapes world, tiny SDXL)", [tool("iosd-gen"), "--recipe", "fast", "--classes", "shapes", "--source", "shapes", "--model", "tiny", "--split", str(split), "--num-samples", str(train_samples), "--shard-size", "100", "--batch-size", "16", "--seed", str(seed), "--out", str(shards)])
+    run_step(f"1/5 seen-class shards (shapes world, {model})", [tool("iosd-gen"), "--recipe", "fast", "--classes", "shapes", "--source", "shapes", "--model", model, "--split", str(split), "--num-samples", str(train_samples), "--shard-size", "100", "--batch-size", "16", "--seed", str(seed), "--out", str(shards)])
     resume = ["--resume"] if (head / "checkpoint.json").exists() else []
     run_step("2/5 grounding head on the seen classes", [tool("iosd-train"), str(shards), "--steps", str(head_steps), "--out", str(head), "--no-tensorboard", *resume])
     run_step("3/5 iosd-synth: semantic dataset of the unseen classes, labelled by the head", [synth, "--checkpoint", str(head), "--classes", ",".join(unseen), "--images-per-class", str(images_per_class), "--objects", str(objects), "--format", "semantic", "--seed", str(seed), "--out", str(synth_dir), *synth_args])
@@ -177,8 +191,8 @@ def main(out: str, split: int, train_samples: int, head_steps: int, images_per_c
     console.print("[bold]== 4/5 exact-mask sets: the upper bound's training images and the test images")
     size = read_semantic_sample(synth_dir, DEFAULT_SPLIT, semantic_keys(synth_dir)[0])[1].shape[0]
     exact_train, exact_test = root / f"exact-train-{objects}obj", root / f"exact-test-{objects}obj"
-    exact_set(exact_train, unseen, synth_images, size=size, objects=objects, seed=seed, split=DEFAULT_SPLIT, title="exact training images")
-    exact_set(exact_test, unseen, test_images_per_class * len(unseen), size=size, objects=objects, seed=seed, split=TEST_SPLIT, title="exact test images")
+    exact_set(exact_train, unseen, synth_images, size=size, objects=objects, seed=seed, split=DEFAULT_SPLIT, title="exact training images", look=look)
+    exact_set(exact_test, unseen, test_images_per_class * len(unseen), size=size, objects=objects, seed=seed, split=TEST_SPLIT, title="exact test images", look=look)
 
     console.print(f"[bold]== 5/5 {architecture} segmenter: trained on each set, scored on the exact test images")
     config = SegmenterConfig(architecture=architecture, steps=seg_steps, seed=seed)
@@ -191,6 +205,9 @@ def main(out: str, split: int, train_samples: int, head_steps: int, images_per_c
     overlays_picture(rows, test_classes, root / "protocol2.png")
     synth_miou, exact_miou = rows["iosd-synth"]["miou"], rows["exact masks"]["miou"]
     report = {
+        "model": model,
+        "palette": look[0],
+        "style": look[1],
         "split": split,
         "seen_classes": list(classes.seen),
         "unseen_classes": unseen,

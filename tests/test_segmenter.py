@@ -81,3 +81,29 @@ def test_segmenter_learns_exact_masks_and_scores_held_out_images(tmp_path):
         Image.fromarray(new_id[np.asarray(Image.open(path))]).save(path)
     again = score_segmenter(trained, permuted, split="val")
     assert again["per_class_iou"] == pytest.approx(scores["per_class_iou"])
+
+
+def test_exact_set_paints_as_a_trained_world_when_asked(tmp_path):
+    """A trained world's head labels objects of any hue, so its Protocol II exact sets draw
+    random hues (and the world's style): the same class then comes in several colours, where
+    the class palette gives it one; an unknown palette is refused before anything is written."""
+    from iosd.export_layout import SEMANTIC_IMAGES as IMAGES
+
+    def hue_spread(root, name_id):
+        """The widest circular distance between the hues of the class's objects."""
+        import colorsys
+
+        hues = []
+        for label_path in sorted((root / SEMANTIC_LABELS.format(split="train")).glob("*.png")):
+            label = np.asarray(Image.open(label_path))
+            image = np.asarray(Image.open(root / IMAGES.format(split="train") / label_path.name).convert("RGB"))
+            r, g, b = np.median(image[label == name_id], axis=0) / 255
+            hues.append(colorsys.rgb_to_hsv(r, g, b)[0])
+        return max(min(abs(a - b), 1 - abs(a - b)) for a in hues for b in hues)
+
+    write_exact_set(tmp_path / "class", ["star"], 6, size=64, seed=1, style="plain")
+    write_exact_set(tmp_path / "random", ["star"], 6, size=64, seed=1, palette="random", style="plain")
+    assert hue_spread(tmp_path / "class", 1) < 0.05 and hue_spread(tmp_path / "random", 1) > 0.2
+    with pytest.raises(UserError, match="unknown palette"):
+        write_exact_set(tmp_path / "bad", CLASSES, 1, size=64, palette="rainbow")
+    assert not (tmp_path / "bad").exists()
