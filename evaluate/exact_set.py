@@ -30,7 +30,7 @@ from iosd.pipeline.export import (
     write_semantic_sample,
 )
 from iosd.pipeline.shapes import render_scene
-from iosd.worlds import random_colours
+from iosd.worlds import random_hues
 
 EXACT_TAG = 0x6578616374  # "exact": this writer's own random stream, apart from iosd-gen's
 STREAM_OF_SPLIT = {"train": 0, "val": 1, "test": 2}
@@ -94,7 +94,7 @@ def write_exact_set(root: str | Path, classes: list[str], images_per_class: int,
         if not semantic_label_path(root, split, key).exists():
             rng = np.random.default_rng([seed, EXACT_TAG, STREAM_OF_SPLIT[split], index])
             names = scene_classes(list(classes), index, objects, rng)
-            hues = [h for _, h in random_colours(rng, len(names))] if palette == "random" else None
+            hues = random_hues(rng, len(names)) if palette == "random" else None
             image, masks = render_scene(names, rng, size, hues, style)
             write_semantic_sample(root, split, key, image, label_map(masks, [ids[n] for n in names]))
             written += 1

@@ -62,13 +62,13 @@ def rendered_one_object(names: Sequence[str], per_class: int, seed: int, side: i
     """``per_class`` of the world's own one-object scenes per class (random hues, its ``style``),
     as its training scenes are drawn: what the teacher reads in them is the ceiling for samples."""
     from iosd.pipeline.shapes import render_scene
-    from iosd.worlds import random_colours
+    from iosd.worlds import random_hues
 
     out = []
     for k, name in enumerate(names):
         for i in range(per_class):
             rng = np.random.default_rng([seed, 17, k, i])
-            (_, hue), = random_colours(rng, 1)
+            hue, = random_hues(rng, 1)
             image, _ = render_scene([name], rng, side, [hue], style)
             out.append((image, name))
     return out

@@ -33,12 +33,31 @@ WORLD_SIDE = 64  # pixels: the side the world's models are trained at (16x16 lat
 COLOURS: dict[str, float] = {"red": 0.0, "orange": 0.075, "yellow": 0.155, "green": 0.32, "cyan": 0.5, "blue": 0.63, "purple": 0.76, "pink": 0.9}
 HUE_JITTER = 0.02
 
+# The noise schedule the world's denoiser trains under and its sampler uses (beta settings of the
+# diffusers scheduler). SD's scaled-linear schedule ends at SNR 0.0047, not 0, so training never
+# starts from "no image" while sampling does; DDPM's linear schedule (Ho et al. 2020) ends at
+# 4e-5; "zero-snr" is SD's betas rescaled to end at SNR 0 with v-prediction, as Lin et al.
+# (WACV 2024) fix SD itself (epsilon is undefined at SNR 0). Measured on the world
+# (docs/cpu-world.md): neither made the world draw the shapes; "sd" stays the default.
+NOISE_SCHEDULES: dict[str, dict] = {
+    "sd": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon", "rescale_betas_zero_snr": False},
+    "ddpm": {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "prediction_type": "epsilon", "rescale_betas_zero_snr": False},
+    "zero-snr": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True},
+}
+# How the world's text encoders learn (train/world.py denoiser, train_text).
+TEXT_MODES = ("clip", "joint", "frozen")
+
 
 def random_colours(rng, count: int) -> list[tuple[str, float]]:
     """(colour word, hue) of ``count`` objects as the world draws them: a word each, its hue jittered."""
     words = list(COLOURS)
     picked = [words[int(rng.integers(len(words)))] for _ in range(count)]
     return [(w, COLOURS[w] + float(rng.uniform(-HUE_JITTER, HUE_JITTER))) for w in picked]
+
+
+def random_hues(rng, count: int) -> list[float]:
+    """The hues alone of ``random_colours`` (the same draws): scenes that name no colour."""
+    return [hue for _, hue in random_colours(rng, count)]
 
 
 def rebuild_command(name: str) -> str:

@@ -132,13 +132,13 @@ def shapes_world(loaded: LoadedModel, capture: FeatureCapture, prompts: list[str
     A trained world's model draws each object in a random hue (its ``palette``) and paints the
     scene in its ``style``, as the world it learned: there, colour never names a class."""
     from iosd.pipeline.shapes import render_scene
-    from iosd.worlds import random_colours
+    from iosd.worlds import random_hues
 
     world = loaded.info.get("world")
     images, masks = [], []
     for classes, seed in zip(names, seeds, strict=True):
         rng = np.random.default_rng(seed)
-        hues = [h for _, h in random_colours(np.random.default_rng([seed, 7]), len(classes))] if world and world["palette"] == "random" else None
+        hues = random_hues(np.random.default_rng([seed, 7]), len(classes)) if world and world["palette"] == "random" else None
         image, mask = render_scene(classes, rng, size, hues, world["style"] if world else "textured")
         images.append(image)
         masks.append(mask)

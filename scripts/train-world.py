@@ -21,7 +21,8 @@ from pathlib import Path
 import click
 
 from iosd.errors import user_errors
-from iosd.worlds import WORLDS, world_dir
+from iosd.pipeline.shapes import SCENE_STYLES
+from iosd.worlds import NOISE_SCHEDULES, TEXT_MODES, WORLDS, world_dir
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -35,13 +36,13 @@ from iosd.worlds import WORLDS, world_dir
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="[default: iosd/data/worlds/<world>, where --model <world> loads it]")
 @click.option("--work", type=click.Path(path_type=Path), default=None, help="checkpoints for resuming [default: runs/train-world/<out name>-seed<seed>]")
 @click.option("--grounding", type=float, default=0.1, help="weight of the token grounding loss (train/grounding.py); 0 trains on captions alone")
-@click.option("--text", "text_mode", type=click.Choice(["joint", "clip", "frozen"]), default="joint", help="joint: text encoders trained with the UNet (the shipped world); clip: pretrained contrastively on the scenes (NegCLIP hard negatives), then frozen, as SD's CLIP (docs/cpu-world.md: measured, not better here); frozen: left at their random init, so the names stay apart")
+@click.option("--text", "text_mode", type=click.Choice(TEXT_MODES), default="joint", help="joint: text encoders trained with the UNet (the shipped world); clip: pretrained contrastively on the scenes (NegCLIP hard negatives), then frozen, as SD's CLIP (docs/cpu-world.md: measured, not better here); frozen: left at their random init, so the names stay apart")
 @click.option("--text-steps", type=int, default=1500, help="contrastive steps of the text encoders (--text clip)")
 @click.option("--unet-width", type=int, default=1, help="the UNet's channels and heads times this (1: the shipped world's, 2.6 M parameters)")
-@click.option("--style", type=click.Choice(["textured", "plain"]), default="textured", help="how scenes are painted: textured objects on clutter, or flat ones on a smooth field")
+@click.option("--style", type=click.Choice(list(SCENE_STYLES)), default="textured", help="how scenes are painted: textured objects on clutter, or flat ones on a smooth field")
 @click.option("--vae-kl", type=float, default=1e-6, help="weight of the VAE's KL term")
 @click.option("--latent-channels", type=int, default=16, help="the VAE's latent width")
-@click.option("--schedule", type=click.Choice(["sd", "ddpm", "zero-snr"]), default="sd", help="the denoiser's noise schedule: SD's scaled-linear betas, DDPM's linear ones, or SD's rescaled to zero terminal SNR with v-prediction (train/world.py NOISE_SCHEDULES)")
+@click.option("--schedule", type=click.Choice(list(NOISE_SCHEDULES)), default="sd", help="the denoiser's noise schedule: SD's scaled-linear betas, DDPM's linear ones, or SD's rescaled to zero terminal SNR with v-prediction (iosd/worlds.py NOISE_SCHEDULES)")
 @click.option("--save-every", type=int, default=250)
 @click.option("--threads", type=int, default=None, help="torch threads [default: torch's]")
 @click.option("--quiet", is_flag=True)

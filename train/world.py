@@ -39,7 +39,15 @@ from iosd.errors import UserError
 from iosd.manifest import replace_directory, share_like_output, write_bytes_atomic
 from iosd.pipeline.models import quiet_libraries
 from iosd.recipes import get_recipe, recipe_names
-from iosd.worlds import PROVENANCE, WORLD_SIDE, WORLDS, directory_digests, random_colours
+from iosd.worlds import (
+    NOISE_SCHEDULES,
+    PROVENANCE,
+    TEXT_MODES,
+    WORLD_SIDE,
+    WORLDS,
+    directory_digests,
+    random_colours,
+)
 
 if TYPE_CHECKING:
     from iosd.train.world_teacher import TeacherConfig
@@ -55,18 +63,6 @@ LATENT_DOWN = 4  # the world VAE's pixels per latent cell
 VAE_CROP = 32  # the VAE trains on crops: convolutional, it learns the same code at a quarter of the cost
 WORLD_VAE = {"block_out_channels": [16, 32, 64], "norm_num_groups": 8}
 EMA_DECAY = 0.999
-# The noise schedule the world's denoiser trains under and its sampler uses (beta settings of the
-# diffusers scheduler). SD's scaled-linear schedule ends at SNR 0.0047, not 0, so training never
-# starts from "no image" while sampling does; DDPM's linear schedule (Ho et al. 2020) ends at
-# 4e-5; "zero-snr" is SD's betas rescaled to end at SNR 0 with v-prediction, as Lin et al.
-# (WACV 2024) fix SD itself (epsilon is undefined at SNR 0). Measured on the world
-# (docs/cpu-world.md): neither made the world draw the shapes; "sd" stays the default.
-NOISE_SCHEDULES: dict[str, dict] = {
-    "sd": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon", "rescale_betas_zero_snr": False},
-    "ddpm": {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "prediction_type": "epsilon", "rescale_betas_zero_snr": False},
-    "zero-snr": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True},
-}
-TEXT_MODES = ("clip", "joint", "frozen")
 
 
 @dataclass
@@ -93,7 +89,7 @@ class WorldConfig:
     style: str = "textured"  # how the scenes are painted (pipeline/shapes.py SCENE_STYLES)
     vae_kl: float = 1e-6  # weight of the VAE's KL term: larger gives smoother latents to model
     latent_channels: int = 16  # the VAE's latent width (SDXL's is 4; the random tiny VAE's 16)
-    schedule: str = "sd"  # the denoiser's noise schedule (NOISE_SCHEDULES)
+    schedule: str = "sd"  # the denoiser's noise schedule (iosd/worlds.py NOISE_SCHEDULES)
 
     def __post_init__(self) -> None:
         if self.text not in TEXT_MODES:
